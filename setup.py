@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="star-scale",
+    version="0.1.0",
+    description="Train ST-AR autoregressive image generators (LlamaGen GPT + self-guided losses) at cluster scale",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["star_scale", "star_scale.*", "tokenize_data", "tokenize_data.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "zarr>=3",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        # flash-attn builds against the installed CUDA torch; apex is not on PyPI (see README).
+        "gpu": ["flash-attn"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["star-scale=star_scale.cli:main"]},
+)

@@ -1,0 +1,115 @@
+"""Atomic, verified checkpoints.
+
+Layout: ``<run>/checkpoints/step_00000100/{state.pt, meta.json}``.  A checkpoint
+is written into a temporary folder and renamed into place only when complete,
+and ``meta.json`` (written last) records each file's size and sha256.  Loading
+takes the newest checkpoint that verifies; a damaged one is skipped with a
+warning naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+PREFIX = "step_"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointDir:
+    def __init__(self, root: str | os.PathLike, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for d in self.root.iterdir():
+            if d.is_dir() and d.name.startswith(PREFIX) and d.name[len(PREFIX):].isdigit():
+                out.append(int(d.name[len(PREFIX):]))
+        return sorted(out)
+
+    def path(self, step: int) -> Path:
+        return self.root / f"{PREFIX}{step:08d}"
+
+    def save(self, step: int, files: dict[str, object]) -> Path:
+        """Write ``{name: torch-serialisable object}`` as one checkpoint, atomically."""
+        final = self.path(step)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        meta = {"step": step, "files": {}}
+        for name, obj in files.items():
+            f = tmp / f"{name}.pt"
+            with open(f, "wb") as fh:
+                torch.save(obj, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            meta["files"][name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. on preemption right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+
+    def verify(self, step: int) -> Optional[str]:
+        """None if checkpoint ``step`` is whole, else what is wrong (naming the file)."""
+        d = self.path(step)
+        meta_path = d / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{meta_path}: unreadable ({e})"
+        for name, info in meta["files"].items():
+            f = d / f"{name}.pt"
+            if not f.is_file():
+                return f"{f}: missing"
+            if f.stat().st_size != info["bytes"]:
+                return f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+            if _sha256(f) != info["sha256"]:
+                return f"{f}: checksum mismatch (corrupted)"
+        return None
+
+    def load_latest(self, map_location="cpu") -> Optional[tuple[int, dict]]:
+        """(step, {name: object}) of the newest whole checkpoint, or None."""
+        for step in reversed(self.steps()):
+            problem = self.verify(step)
+            if problem:
+                log.warning("skipping damaged checkpoint: %s; falling back to an earlier one", problem)
+                continue
+            d = self.path(step)
+            meta = json.loads((d / "meta.json").read_text())
+            objs = {name: torch.load(d / f"{name}.pt", map_location=map_location, weights_only=False)
+                    for name in meta["files"]}
+            return step, objs
+        return None

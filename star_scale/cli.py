@@ -1,0 +1,141 @@
+"""`star-scale`: thin subcommands that parse arguments, load a config and call the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. model.preset=B train.steps=100"
+
+
+def cmd_train(args) -> int:
+    from star_scale.config import load_config
+    from star_scale.trainer import setup_logging, train
+
+    setup_logging()
+    cfg = load_config(args.recipe, args.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+def model_table() -> dict:
+    import torch
+
+    from star_scale.models.gpt import GPT, GPTArgs
+    from star_scale.models.presets import PAPER_DATA, PAPER_PARAMS, PRESETS
+
+    table = {}
+    for name, (layers, heads, width) in PRESETS.items():
+        with torch.device("meta"):  # shapes only: no memory for 3B parameters
+            model = GPT(GPTArgs(layers=layers, heads=heads, width=width, **PAPER_DATA))
+        params = model.num_params()
+        table[name] = {
+            "layers": layers, "heads": heads, "width": width, "params": params,
+            "paper_params": int(PAPER_PARAMS[name]) if name in PAPER_PARAMS else None,
+            "flops_per_token_fwd": model.flops_per_token(training=False),
+            "flops_per_token_train": model.flops_per_token(training=True),
+        }
+    return table
+
+
+def cmd_model_info(args) -> int:
+    table = model_table()
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    print("Presets at ImageNet 256 (16384 codes, 1000 classes, 16x16 tokens); FLOPs per token incl. attention")
+    print(f"{'preset':<7}{'layers':>7}{'heads':>6}{'width':>7}{'params':>10}{'paper':>8}{'diff':>8}{'fwd GFLOP':>11}{'train GFLOP':>13}")
+    for name, r in table.items():
+        paper = r["paper_params"]
+        diff = f"{100 * (r['params'] / paper - 1):+.2f}%" if paper else "-"
+        paper_s = f"{paper / 1e6:.0f}M" if paper else "-"
+        print(f"{name:<7}{r['layers']:>7}{r['heads']:>6}{r['width']:>7}{r['params'] / 1e6:>9.1f}M{paper_s:>8}{diff:>8}"
+              f"{r['flops_per_token_fwd'] / 1e9:>11.3f}{r['flops_per_token_train'] / 1e9:>13.3f}")
+    return 0
+
+
+def cmd_import_llamagen(args) -> int:
+    from star_scale.models.llamagen_import import convert_checkpoint
+
+    summary = convert_checkpoint(args.checkpoint, args.out, heads=args.heads, grid_size=args.grid_size)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    # The offline job is its own program (tokenize_data/); star_scale never imports it.
+    return subprocess.call([sys.executable, "-m", "tokenize_data", *args.rest])
+
+
+def cmd_demo(args) -> int:
+    from star_scale.demo import run_demo
+    from star_scale.trainer import setup_logging
+
+    setup_logging()
+    summary = run_demo(args.out, steps=args.steps)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "data":
+        from star_scale.bench_data import main
+    else:
+        from star_scale.bench_step import main
+    return main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="star-scale", description="Train ST-AR autoregressive image generators, from a laptop to Slurm clusters.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe (resumes from the run folder's latest checkpoint)")
+    t.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny-ar.yaml")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.set_defaults(fn=cmd_train)
+
+    m = sub.add_parser("model-info", help="print the model presets: layers, heads, width, parameters, FLOPs per token")
+    m.add_argument("--json", action="store_true", help="print {preset: {params, layers, ...}} as JSON")
+    m.set_defaults(fn=cmd_model_info)
+
+    i = sub.add_parser("import-llamagen", help="convert an official LlamaGen c2i GPT checkpoint into a star-scale model file")
+    i.add_argument("checkpoint", help="LlamaGen .pt (weights under model/module/state_dict, or a bare state dict)")
+    i.add_argument("--out", required=True, help="star-scale model file to write")
+    i.add_argument("--heads", type=int, default=None, help="attention heads (inferred from the preset table when omitted)")
+    i.add_argument("--grid-size", type=int, default=16, help="tokens per side: 16 for 256px, 24 for 384px checkpoints")
+    i.set_defaults(fn=cmd_import_llamagen)
+
+    k = sub.add_parser("tokenize", help="offline tokenization into Zarr shards (`star-scale tokenize --help` for options)", add_help=False)
+    k.add_argument("rest", nargs=argparse.REMAINDER)
+    k.set_defaults(fn=cmd_tokenize)
+
+    d = sub.add_parser("demo", help="end to end on generated images: tokenize, train tiny, sample a grid")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
+    d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: `data` (loader vs raw reads), `step` (ST-AR vs AR step time)")
+    b.add_argument("what", choices=["data", "step"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    from star_scale.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"star-scale: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"star-scale: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Typed run configuration: dataclasses loaded from YAML recipes, validated once.
+
+A recipe is a YAML mapping with the sections below.  Command-line overrides
+take the form ``key.sub=value`` (the value is parsed as YAML).  Every error
+names the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from star_scale.models.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    layers: Optional[int] = None  # None: from the preset
+    heads: Optional[int] = None
+    width: Optional[int] = None
+    vocab_size: int = 16384  # must cover the tokenizer's codebook
+    num_classes: int = 1000
+    grid_size: int = 16  # image tokens per side
+    class_dropout: float = 0.1
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # token store written by `star-scale tokenize` (.zarr) or the demo (.npz)
+    global_batch: int = 256  # sequences (images) per optimizer step, all ranks together
+    micro_batch: Optional[int] = None  # per rank per forward; None: global_batch / data-parallel size
+    seed: int = 0
+    shuffle_buffer_chunks: int = 4  # chunks mixed in memory before sampling
+    prefetch: int = 2  # batches read ahead in the background
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ar"  # "ar" (LlamaGen baseline) or "star"
+    mim: bool = True  # ST-AR terms, each switchable for the ablations
+    step: bool = True
+    view: bool = True
+    mim_weight: float = 1.0  # a
+    contrastive_weight: float = 0.5  # b, applied to (L_step + L_view) / 2 [inferred combination]
+    mask_ratio: float = 0.25  # r
+    positions: int = 4  # K sampled positions per sequence
+    temperature: float = 0.2  # InfoNCE tau [inferred]
+    layer: Optional[int] = None  # contrastive features' layer; None: depth / 2
+    ema_decay: float = 0.9999  # d
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    lr_batch: Optional[int] = 256  # lr is per this many sequences, scaled linearly; None: no scaling
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05  # only on parameters with >= 2 dims
+    grad_clip: float = 1.0
+    eps: float = 1e-8
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    zero_stage: int = 3
+    activation_checkpointing: bool = False
+    deepspeed_config: Optional[str] = None  # raw DeepSpeed JSON that overrides the generated one
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = False
+    uri: Optional[str] = None  # None: sqlite database inside the run folder
+    experiment: str = "star-scale"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "24:00:00"
+    constraint: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/{name}"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- derived values ---------------------------------------------------
+    def model_dims(self) -> tuple[int, int, int]:
+        layers, heads, width = PRESETS[self.model.preset]
+        m = self.model
+        return (m.layers or layers, m.heads or heads, m.width or width)
+
+    def contrastive_layer(self) -> int:
+        return self.objective.layer or max(1, self.model_dims()[0] // 2)
+
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir.format(name=self.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """{'model.width': 768, ...}: for tracking params and override round trips."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Cross-field checks; raise ConfigError naming the keys involved."""
+        m, o, p, d = self.model, self.objective, self.parallel, self.data
+        if m.preset not in PRESETS:
+            raise ConfigError(f"model.preset={m.preset!r}: expected one of {sorted(PRESETS)}")
+        layers, heads, width = self.model_dims()
+        for key, value in (("model.layers", layers), ("model.heads", heads), ("model.width", width)):
+            if value < 1:
+                raise ConfigError(f"{key}={value}: expected a positive integer")
+        if width % heads:
+            raise ConfigError(f"model.width={width} is not divisible by model.heads={heads}: expected width = heads x head_dim")
+        if (width // heads) % 4:
+            raise ConfigError(f"model.width={width} / model.heads={heads} = {width // heads}: 2D RoPE needs a head size divisible by 4")
+        if heads % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide model.heads={heads}: each tensor-parallel rank needs whole heads")
+        if world_size % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the world size {world_size}")
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
+        if o.name not in ("ar", "star"):
+            raise ConfigError(f"objective.name={o.name!r}: expected 'ar' or 'star'")
+        if not 0.0 <= o.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: expected 0 <= r < 1")
+        if not 0.0 <= o.ema_decay <= 1.0:
+            raise ConfigError(f"objective.ema_decay={o.ema_decay}: expected 0 <= d <= 1")
+        if o.temperature <= 0:
+            raise ConfigError(f"objective.temperature={o.temperature}: expected > 0")
+        if o.layer is not None and not 1 <= o.layer <= layers:
+            raise ConfigError(f"objective.layer={o.layer}: expected 1..model.layers={layers}")
+        if o.positions < 2 and o.name == "star" and o.step:
+            raise ConfigError(f"objective.positions={o.positions}: L_step needs at least 2 positions per sequence")
+        dp = world_size // p.tp
+        if d.global_batch < 1 or d.global_batch % dp:
+            raise ConfigError(f"data.global_batch={d.global_batch} is not divisible by the data-parallel size {dp} (world {world_size} / tp {p.tp})")
+        if d.micro_batch is not None and (d.micro_batch < 1 or (d.global_batch // dp) % d.micro_batch):
+            raise ConfigError(
+                f"data.micro_batch={d.micro_batch} does not divide the per-rank batch {d.global_batch // dp} "
+                f"(data.global_batch={d.global_batch} / data-parallel size {dp})")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.train.precision!r}: expected auto, fp32 or bf16")
+        if self.train.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device={self.train.device!r}: expected auto, cpu or cuda")
+        if len(self.optimizer.betas) != 2:
+            raise ConfigError(f"optimizer.betas={self.optimizer.betas}: expected two numbers")
+        return self
+
+
+# ---- loading ----------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check (and gently convert) one value against its annotated type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key; expected one of {sorted(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if tp is ObjectiveConfig and isinstance(value, str):
+                value = {"name": value}  # shorthand `objective: star`
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "objective":
+            child = {"name": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """Load a YAML recipe (or defaults), apply overrides, validate."""
+    tree: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r}: file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {str(path)!r}: invalid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {str(path)!r}: expected a mapping of sections at the top level")
+        tree.setdefault("name", path.stem)
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        cfg = _build(Config, tree, "")
+    except ConfigError as e:
+        where = f" (recipe {recipe})" if recipe else ""
+        raise ConfigError(f"{e}{where}") from None
+    return cfg.validate(world_size)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (it sits next to every run's outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,101 @@
+"""Single-process engine: optimizer, one training step, state for checkpoints.
+
+The DeepSpeed engine (star_scale/parallel/) offers the same methods, so the
+trainer never knows which one it drives.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn as nn
+
+from star_scale.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def effective_lr(cfg: Config) -> float:
+    o = cfg.optimizer
+    return o.lr * cfg.data.global_batch / o.lr_batch if o.lr_batch else o.lr
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on matrices and embeddings (>= 2 dims), as LlamaGen."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(module: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    # Fused AdamW on CUDA; foreach elsewhere (fused CPU kernels are slower here).
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    log.info("optimizer: torch AdamW (%s), lr %.3g", "fused" if "fused" in kwargs else "foreach", effective_lr(cfg))
+    return torch.optim.AdamW(param_groups(module, o.weight_decay), lr=effective_lr(cfg),
+                             betas=tuple(o.betas), eps=o.eps, **kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class LocalEngine:
+    """One process, one device: AdamW, bf16 autocast on GPU, micro-batch accumulation, clipping."""
+
+    def __init__(self, module: nn.Module, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        self.module = module.to(self.device)
+        self.optimizer = make_optimizer(module, cfg, self.device)
+        self.micro_batch = cfg.data.micro_batch or cfg.data.global_batch
+        self.dp_rank, self.dp_size, self.is_main = 0, 1, True
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+        self.module.train()
+        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        n = tokens.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict = {}
+        for start in range(0, n, self.micro_batch):
+            sl = slice(start, start + self.micro_batch)
+            weight = (min(n, start + self.micro_batch) - start) / n
+            with self.autocast():
+                loss, metrics = self.module(tokens[sl], labels[sl])
+            (loss * weight).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * weight
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * weight
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
+        self.optimizer.step()
+        self.module.after_optimizer_step()
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.optimizer.param_groups[0]["lr"]
+        return totals
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])

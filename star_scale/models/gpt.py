@@ -1,0 +1,299 @@
+"""LlamaGen's class-conditional GPT, as plain single-device PyTorch.
+
+Sequence layout: position 0 holds the class embedding, positions 1..T hold
+image tokens 0..T-1; the logits at position p predict image token p.  Blocks
+are Llama-style (RMSNorm, SwiGLU, 2D rotary embeddings over the token grid).
+Parameter names follow LlamaGen's so its checkpoints load without renaming.
+
+ST-AR additions: ``forward`` takes an optional per-sequence key mask (the MIM
+student attends only to unmasked keys) and returns the hidden states of any
+requested layers.  Parallelism is applied from outside: ``layer_factory`` can
+swap ``nn.Linear``/``nn.Embedding`` for tensor-parallel versions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GPTArgs:
+    layers: int = 12
+    heads: int = 12
+    width: int = 768
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid_size: int = 16  # image tokens per side: T = grid_size ** 2
+    ffn_multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    class_dropout: float = 0.1
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # SwiGLU keeps the 4x FFN's parameter count: 2/3 * 4 * width, rounded up.
+        hidden = int(2 * 4 * self.width / 3)
+        return -(-hidden // self.ffn_multiple_of) * self.ffn_multiple_of
+
+    @property
+    def seq_len(self) -> int:
+        return 1 + self.grid_size**2
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in fp32 even under bf16 autocast
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_table_2d(grid_size: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(1 + grid^2, head_dim // 2, 2) table of (cos, sin) per rotary pair.
+
+    The first head_dim/4 pairs rotate with the token's row, the last head_dim/4
+    with its column; frequencies are base^(-2i / (head_dim/2)).  Row 0 (the
+    class position) is all zeros, as in LlamaGen: that zeroes the class
+    token's queries and keys, and checkpoint compatibility depends on it.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    angles = torch.outer(torch.arange(grid_size).float(), inv_freq)  # (grid, head_dim/4)
+    rows = angles[:, None, :].expand(grid_size, grid_size, -1)
+    cols = angles[None, :, :].expand(grid_size, grid_size, -1)
+    grid = torch.cat([rows, cols], dim=-1).flatten(0, 1)  # (grid^2, head_dim/2)
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1)
+    return torch.cat([torch.zeros(1, half, 2), table])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, H, D) with adjacent (even, odd) channels as one rotary pair; table: (S, D/2, 2)."""
+    xp = x.float().unflatten(-1, (-1, 2))
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # optional GPU extra
+        return flash_attn_func
+    except Exception:
+        return None
+
+
+_BACKEND_LOGGED: set = set()
+
+
+def attention_backend(device: torch.device, masked: bool) -> str:
+    """flash-attn for unmasked CUDA attention when installed, else torch SDPA (logged once)."""
+    name = "sdpa"
+    if device.type == "cuda" and not masked and _flash_attn_func() is not None:
+        name = "flash-attn"
+    key = (name, masked)
+    if key not in _BACKEND_LOGGED:
+        _BACKEND_LOGGED.add(key)
+        log.info("attention backend: %s (%s)", name, "key-masked" if masked else "causal")
+    return name
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.length = 0  # positions filled so far
+
+
+class Attention(nn.Module):
+    def __init__(self, args: GPTArgs, linear: Callable[..., nn.Module]):
+        super().__init__()
+        self.heads, self.head_dim = args.heads, args.head_dim
+        # Fused q|k|v projection, named as in LlamaGen.
+        self.wqkv = linear(args.width, 3 * args.width, kind="column")
+        self.wo = linear(args.width, args.width, kind="row")
+        self.resid_dropout = nn.Dropout(args.resid_dropout)
+
+    def forward(self, x, rope, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)  # (B, S, H, D) each
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:b, :, start : start + s] = k
+            cache.v[layer][:b, :, start : start + s] = v
+            k, v = cache.k[layer][:b, :, : start + s], cache.v[layer][:b, :, : start + s]
+        out = self._attend(q, k, v, attn_mask, incremental=cache is not None)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.resid_dropout(self.wo(out))
+
+    def _attend(self, q, k, v, attn_mask, incremental: bool):
+        if attn_mask is None and not incremental and attention_backend(q.device, masked=False) == "flash-attn":
+            flash = _flash_attn_func()
+            return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+        if attn_mask is not None:
+            attention_backend(q.device, masked=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if incremental:
+            # The new queries sit at the end of the cached keys: causal w.r.t. that offset.
+            s, total = q.shape[2], k.shape[2]
+            mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: GPTArgs, linear: Callable[..., nn.Module]):
+        super().__init__()
+        self.w1 = linear(args.width, args.ffn_hidden, kind="column")
+        self.w3 = linear(args.width, args.ffn_hidden, kind="column")
+        self.w2 = linear(args.ffn_hidden, args.width, kind="row")
+        self.ffn_dropout = nn.Dropout(args.ffn_dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: GPTArgs, linear):
+        super().__init__()
+        self.attention = Attention(args, linear)
+        self.feed_forward = FeedForward(args, linear)
+        self.attention_norm = RMSNorm(args.width, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.width, args.norm_eps)
+
+    def forward(self, x, rope, attn_mask=None, cache=None, layer=0):
+        h = x + self.attention(self.attention_norm(x), rope, attn_mask, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a learned null class (index ``num_classes``) for CFG."""
+
+    def __init__(self, num_classes: int, width: int, dropout: float, embedding):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = embedding(num_classes + 1, width)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+def plain_linear(in_features: int, out_features: int, kind: str = "") -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+@dataclass
+class GPTOutput:
+    logits: Optional[torch.Tensor]  # (B, S, V) float32
+    hidden: dict  # layer index (1..L) -> (B, S, width) block output
+
+
+class GPT(nn.Module):
+    def __init__(self, args: GPTArgs, linear=plain_linear, embedding=nn.Embedding):
+        super().__init__()
+        if args.width % args.heads or args.head_dim % 4:
+            raise ValueError(f"width {args.width} must split into {args.heads} heads of a multiple-of-4 size")
+        self.args = args
+        self.cls_embedding = LabelEmbedder(args.num_classes, args.width, args.class_dropout, embedding)
+        self.tok_embeddings = embedding(args.vocab_size, args.width)
+        self.tok_dropout = nn.Dropout(args.token_dropout)
+        self.layers = nn.ModuleList(Block(args, linear) for _ in range(args.layers))
+        self.norm = RMSNorm(args.width, args.norm_eps)
+        self.output = linear(args.width, args.vocab_size, kind="head")
+        self.register_buffer("rope", rope_table_2d(args.grid_size, args.head_dim, args.rope_base), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.args.init_std)
+        nn.init.zeros_(self.output.weight)  # zero-init head: uniform first predictions
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        *,
+        key_mask: Optional[torch.Tensor] = None,
+        return_layers: Sequence[int] = (),
+        logits: bool = True,
+        cache: Optional[KVCache] = None,
+    ) -> GPTOutput:
+        """Run the sequence [class, tokens...].
+
+        tokens: (B, n) image tokens (n <= T; training passes the first T-1).
+        labels: (B,) class ids, or None to continue a cached sequence.
+        key_mask: (B, S) bool, True = key visible; combined with the causal mask.
+        return_layers: block indices (1..layers) whose outputs to return.
+        cache: a KVCache to read and extend (incremental decoding).
+        """
+        parts = []
+        if labels is not None:
+            parts.append(self.cls_embedding(labels))
+        if tokens is not None and tokens.shape[1] > 0:
+            parts.append(self.tok_embeddings(tokens))
+        h = self.tok_dropout(torch.cat(parts, dim=1))
+        start = cache.length if cache is not None else 0
+        rope = self.rope[start : start + h.shape[1]]
+        attn_mask = None
+        if key_mask is not None:
+            s = h.shape[1]
+            causal = torch.ones(s, s, dtype=torch.bool, device=h.device).tril()
+            attn_mask = (causal[None] & key_mask[:, None, :])[:, None]  # (B, 1, S, S)
+        hidden = {}
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, attn_mask, cache, i)
+            if i + 1 in return_layers:
+                hidden[i + 1] = h
+        if cache is not None:
+            cache.length += h.shape[1]
+        out = self.output(self.norm(h)).float() if logits else None
+        return GPTOutput(out, hidden)
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
+        a = self.args
+        p = next(self.parameters())
+        heads = self.layers[0].attention.wqkv.weight.shape[0] // (3 * a.head_dim)  # local heads under TP
+        return KVCache(a.layers, batch, heads, max_len or a.seq_len, a.head_dim, p.device, p.dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, training: bool = True) -> int:
+        """FLOPs per token: 2 per weight multiply plus causal attention; training = 3x forward."""
+        a = self.args
+        matmul_params = a.layers * (4 * a.width**2 + 3 * a.width * a.ffn_hidden) + a.width * a.vocab_size
+        # QK^T and AV, 2 FLOPs per multiply-add, over S/2 keys on average (causal).
+        attention = a.layers * 2 * 2 * a.width * a.seq_len // 2
+        forward = 2 * matmul_params + attention
+        return 3 * forward if training else forward

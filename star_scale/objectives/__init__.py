@@ -1,0 +1,1 @@
+"""ST-AR's losses, one small module each: tensors in, scalar (and metrics) out."""

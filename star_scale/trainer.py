@@ -1,0 +1,154 @@
+"""The one training loop: batches -> engine steps -> logs, metrics and checkpoints.
+
+Pieces are built separately (model, training module, engine, loader,
+checkpoints) so a distributed engine can replace the local one unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from star_scale.checkpoint import CheckpointDir
+from star_scale.config import Config, ConfigError, save_config
+from star_scale.data.loader import TokenLoader
+from star_scale.data.store import open_store
+from star_scale.engine import LocalEngine
+from star_scale.models.build import build_model
+from star_scale.throughput import Meter
+from star_scale.training_module import build_training_module
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_store_matches(cfg: Config, store) -> None:
+    """The model's vocabulary and grid must fit the tokens it will read."""
+    t = store.tokens_per_image
+    if t != cfg.model.grid_size**2:
+        raise ConfigError(f"model.grid_size={cfg.model.grid_size} gives {cfg.model.grid_size**2} tokens per image, "
+                          f"but the store {cfg.data.path!r} holds {t}")
+    codebook = store.attrs.get("codebook_size")
+    if codebook is not None and int(codebook) > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the store's codebook ({codebook})")
+    classes = store.attrs.get("num_classes")
+    if classes is not None and int(classes) > cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the store's {classes} classes")
+
+
+class MetricsLog:
+    """Per-step metrics as JSON lines; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists() and resume_step > 0:
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train(cfg: Config, *, stop_after: Optional[int] = None, engine_factory=LocalEngine) -> dict:
+    """Train (resuming from the run folder's latest checkpoint) to cfg.train.steps.
+
+    stop_after: return after this many steps of the current call (tests use it
+    to interrupt a run without killing it).
+    """
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.train.seed)
+
+    store = open_store(cfg.data.path)
+    check_store_matches(cfg, store)
+    model = build_model(cfg)
+    module = build_training_module(cfg, model)
+    engine = engine_factory(module, cfg)
+    loader = TokenLoader(store, cfg.data.global_batch // engine.dp_size, views=module.views,
+                         rank=engine.dp_rank, world_size=engine.dp_size, seed=cfg.data.seed,
+                         buffer_chunks=cfg.data.shuffle_buffer_chunks)
+
+    ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    step = 0
+    latest = ckpts.load_latest()
+    if latest is not None:
+        step, state = latest
+        engine.load_state_dict(state["engine"])
+        loader.load_state_dict(state["trainer"]["loader"])
+        set_rng_state(state["trainer"]["rng"])
+        log.info("resumed from %s", ckpts.path(step))
+
+    def save() -> None:
+        trainer_state = {"step": step, "loader": loader.state_dict(), "rng": rng_state()}
+        ckpts.save(step, {"engine": engine.state_dict(), "trainer": trainer_state})
+
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if engine.is_main else None
+    tokens_per_step = cfg.data.global_batch * module.views * store.tokens_per_image
+    meter = Meter(model.flops_per_token() * getattr(module, "flops_factor", 1.0), engine.device)
+    batches = iter(loader)
+    last = {}
+    start = step
+    bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.name, disable=not engine.is_main, dynamic_ncols=True)
+    try:
+        while step < cfg.train.steps and (stop_after is None or step - start < stop_after):
+            batch = next(batches)
+            metrics = engine.train_step(batch.tokens, batch.labels)
+            step += 1
+            meter.add(tokens_per_step // engine.dp_size)
+            record = {"step": step, **metrics}
+            if metrics_log:
+                metrics_log.write(record)
+            last = record
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                rate = meter.read()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if engine.is_main:
+                    log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, metrics["loss"],
+                             " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_")),
+                             rate["tokens_per_s"], 100 * rate["mfu"])
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                save()
+    finally:
+        bar.close()
+        if metrics_log:
+            metrics_log.close()
+    return {"step": step, "run_dir": str(run_dir), **last}
+
+
+def setup_logging(level: str = os.environ.get("STAR_SCALE_LOG", "INFO")) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from star_scale.config import load_config
+from star_scale.data.store import save_npz_store
+
+
+TINY = ["model.preset=tiny", "model.vocab_size=64", "model.num_classes=4", "model.grid_size=4"]
+
+
+@pytest.fixture
+def token_npz(tmp_path):
+    """A small random token store: 128 images x 10 crops x 16 tokens, 4 classes."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 64, (128, 10, 16)).astype(np.uint16)
+    labels = rng.integers(0, 4, 128).astype(np.int32)
+    path = tmp_path / "tokens.npz"
+    save_npz_store(path, codes, labels, codebook_size=64, num_classes=4)
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, token_npz):
+    """Build a tiny CPU training config; extra overrides as arguments."""
+    def make(*overrides, out="run"):
+        return load_config(None, TINY + [
+            f"data.path={token_npz}", "data.global_batch=16", "train.steps=6", "train.log_every=2",
+            "train.ckpt_every=3", f"train.out_dir={tmp_path / out}", "optimizer.lr=1e-3",
+            "optimizer.lr_batch=null", *overrides])
+    return make

@@ -1,0 +1,68 @@
+import json
+import logging
+
+import pytest
+import torch
+
+from star_scale.checkpoint import CheckpointDir
+from star_scale.engine import param_groups
+from star_scale.models.gpt import GPT, GPTArgs
+from star_scale.trainer import train
+
+
+def losses(run_dir):
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_cfg, tmp_path):
+    full = tiny_cfg(out="full")
+    train(full)
+    part = tiny_cfg(out="part")
+    train(part, stop_after=4)  # checkpoint at step 3, then one more step that is lost
+    assert len(losses(part.run_dir())) == 4
+    train(part)  # resumes from step 3
+    assert losses(part.run_dir()) == losses(full.run_dir())  # exact, fp32 CPU
+    assert (part.run_dir() / "config.yaml").is_file()
+
+
+def test_loss_decreases_on_learnable_data(tiny_cfg):
+    cfg = tiny_cfg("train.steps=40", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0")
+    train(cfg)
+    l = losses(cfg.run_dir())
+    assert sum(l[-5:]) / 5 < sum(l[:5]) / 5
+
+
+def test_weight_decay_only_on_matrices():
+    groups = param_groups(GPT(GPTArgs(layers=1, heads=4, width=64, vocab_size=16, num_classes=2, grid_size=2)), 0.05)
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.05
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    assert len(groups[1]["params"]) == 2 * 1 + 1  # two norms per block + the final norm
+
+
+def test_micro_batches_accumulate_to_the_same_step(tiny_cfg):
+    a = tiny_cfg("train.steps=2", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0",
+                 "model.class_dropout=0", out="a")
+    b = tiny_cfg("train.steps=2", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0",
+                 "model.class_dropout=0", "data.micro_batch=4", out="b")
+    train(a), train(b)
+    assert losses(a.run_dir()) == pytest.approx(losses(b.run_dir()), rel=1e-5)
+
+
+def test_truncated_checkpoint_falls_back_with_warning(tmp_path, caplog):
+    ckpts = CheckpointDir(tmp_path, keep=3)
+    ckpts.save(1, {"state": {"x": torch.ones(100)}})
+    ckpts.save(2, {"state": {"x": torch.full((100,), 2.0)}})
+    bad = ckpts.path(2) / "state.pt"
+    bad.write_bytes(bad.read_bytes()[:50])
+    with caplog.at_level(logging.WARNING):
+        step, objs = ckpts.load_latest()
+    assert step == 1 and torch.equal(objs["state"]["x"], torch.ones(100))
+    assert str(bad) in caplog.text
+
+
+def test_checkpoints_are_pruned_to_keep(tmp_path):
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    for s in (1, 2, 3):
+        ckpts.save(s, {"s": s})
+    assert ckpts.steps() == [2, 3]
+    assert not list(tmp_path.glob(".tmp-*"))
