@@ -14,8 +14,11 @@ def cmd_train(args) -> int:
     from star_scale.trainer import setup_logging, train
 
     setup_logging()
-    cfg = load_config(args.recipe, args.overrides)
-    summary = train(cfg)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:  # no recipe given: defaults + overrides
+        recipe, overrides = None, [recipe, *overrides]
+    cfg = load_config(recipe, overrides)
+    summary = train(cfg, recipe=recipe)
     print(json.dumps(summary))
     return 0
 
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a YAML recipe (resumes from the run folder's latest checkpoint)")
-    t.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny-ar.yaml")
+    t.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/tiny-ar.yaml (omit to start from the defaults)")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.set_defaults(fn=cmd_train)
 

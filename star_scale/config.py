@@ -61,6 +61,10 @@ class ObjectiveConfig:
     temperature: float = 0.2  # InfoNCE tau [inferred]
     layer: Optional[int] = None  # contrastive features' layer; None: depth / 2
     ema_decay: float = 0.9999  # d
+    # [inferred] which "last-layer features" L_MIM compares: "norm" = after the final
+    # RMSNorm (what the output head reads), "block" = the last block's raw output.
+    mim_features: str = "norm"
+    projector_hidden: Optional[int] = None  # [inferred] student projector MLP hidden width; None: model width
 
 
 @dataclass
@@ -83,9 +87,10 @@ class ParallelConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = False
-    uri: Optional[str] = None  # None: sqlite database inside the run folder
+    enabled: bool = True  # mlflow on rank 0
+    uri: Optional[str] = None  # None: sqlite database inside the run folder; or http://server:5000
     experiment: str = "star-scale"
+    experiment_id: Optional[str] = None  # set by `star-scale submit` (array tasks must not race to create it)
     run_name: Optional[str] = None
 
 
@@ -177,6 +182,13 @@ class Config:
             raise ConfigError(f"objective.temperature={o.temperature}: expected > 0")
         if o.layer is not None and not 1 <= o.layer <= layers:
             raise ConfigError(f"objective.layer={o.layer}: expected 1..model.layers={layers}")
+        if o.mim_features not in ("norm", "block"):
+            raise ConfigError(f"objective.mim_features={o.mim_features!r}: expected 'norm' or 'block'")
+        if o.projector_hidden is not None and o.projector_hidden < 1:
+            raise ConfigError(f"objective.projector_hidden={o.projector_hidden}: expected a positive integer or null")
+        if o.name == "star" and (o.step or o.view) and not 1 <= o.positions <= m.grid_size**2 - 1:
+            raise ConfigError(f"objective.positions={o.positions}: expected 1..{m.grid_size**2 - 1} "
+                              f"(image positions of a model.grid_size={m.grid_size} sequence)")
         if o.positions < 2 and o.name == "star" and o.step:
             raise ConfigError(f"objective.positions={o.positions}: L_step needs at least 2 positions per sequence")
         dp = world_size // p.tp

@@ -52,3 +52,12 @@ class Meter:
         rate = self.tokens / dt
         self.tokens, self.t0 = 0, time.perf_counter()
         return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak}
+
+
+def memory_stats(device: torch.device) -> dict:
+    """Peak memory in GiB: CUDA allocator peak on GPU, process max RSS on CPU."""
+    if device.type == "cuda":
+        return {"memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux

@@ -22,7 +22,8 @@ from star_scale.data.loader import TokenLoader
 from star_scale.data.store import open_store
 from star_scale.engine import LocalEngine
 from star_scale.models.build import build_model
-from star_scale.throughput import Meter
+from star_scale.throughput import Meter, memory_stats
+from star_scale.tracking import make_tracker
 from star_scale.training_module import build_training_module
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,11 @@ class MetricsLog:
         self.f.close()
 
 
-def train(cfg: Config, *, stop_after: Optional[int] = None, engine_factory=LocalEngine) -> dict:
+def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int] = None,
+          engine_factory=LocalEngine) -> dict:
     """Train (resuming from the run folder's latest checkpoint) to cfg.train.steps.
 
+    recipe: the YAML it came from, kept with the run as an artifact.
     stop_after: return after this many steps of the current call (tests use it
     to interrupt a run without killing it).
     """
@@ -103,17 +106,25 @@ def train(cfg: Config, *, stop_after: Optional[int] = None, engine_factory=Local
                          buffer_chunks=cfg.data.shuffle_buffer_chunks)
 
     ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    step = 0
+    step, run_id = 0, None
     latest = ckpts.load_latest()
     if latest is not None:
         step, state = latest
         engine.load_state_dict(state["engine"])
         loader.load_state_dict(state["trainer"]["loader"])
         set_rng_state(state["trainer"]["rng"])
+        run_id = state["trainer"].get("mlflow_run_id")
         log.info("resumed from %s", ckpts.path(step))
 
+    tracker = make_tracker(cfg, run_dir, run_id, engine.is_main)
+    if latest is None:
+        for artifact in (recipe, run_dir / "config.yaml"):
+            if artifact:
+                tracker.log_artifact(artifact)
+
     def save() -> None:
-        trainer_state = {"step": step, "loader": loader.state_dict(), "rng": rng_state()}
+        trainer_state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
+                         "mlflow_run_id": tracker.run_id}
         ckpts.save(step, {"engine": engine.state_dict(), "trainer": trainer_state})
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if engine.is_main else None
@@ -136,6 +147,9 @@ def train(cfg: Config, *, stop_after: Optional[int] = None, engine_factory=Local
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 rate = meter.read()
+                tracker.log_metrics({**metrics, **rate, **memory_stats(engine.device),
+                                     "tokens_seen": step * tokens_per_step,
+                                     "samples_per_s": rate["tokens_per_s"] / (module.views * store.tokens_per_image)}, step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if engine.is_main:
                     log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, metrics["loss"],
@@ -143,11 +157,16 @@ def train(cfg: Config, *, stop_after: Optional[int] = None, engine_factory=Local
                              rate["tokens_per_s"], 100 * rate["mfu"])
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save()
+    except BaseException:
+        tracker.close(status="FAILED", timeout=10)
+        raise
+    else:
+        tracker.close(status="FINISHED" if step >= cfg.train.steps else None)
     finally:
         bar.close()
         if metrics_log:
             metrics_log.close()
-    return {"step": step, "run_dir": str(run_dir), **last}
+    return {"step": step, "run_dir": str(run_dir), "mlflow_run_id": tracker.run_id, **last}
 
 
 def setup_logging(level: str = os.environ.get("STAR_SCALE_LOG", "INFO")) -> None:

@@ -26,5 +26,5 @@ def tiny_cfg(tmp_path, token_npz):
         return load_config(None, TINY + [
             f"data.path={token_npz}", "data.global_batch=16", "train.steps=6", "train.log_every=2",
             "train.ckpt_every=3", f"train.out_dir={tmp_path / out}", "optimizer.lr=1e-3",
-            "optimizer.lr_batch=null", *overrides])
+            "optimizer.lr_batch=null", "tracking.enabled=false", *overrides])
     return make

@@ -253,7 +253,8 @@ class GPT(nn.Module):
 
         tokens: (B, n) image tokens (n <= T; training passes the first T-1).
         labels: (B,) class ids, or None to continue a cached sequence.
-        key_mask: (B, S) bool, True = key visible; combined with the causal mask.
+        key_mask: (B, S) bool, True = key visible; combined with the causal mask (the
+            diagonal stays visible: a query always attends to its own position).
         return_layers: block indices (1..layers) whose outputs to return.
         cache: a KVCache to read and extend (incremental decoding).
         """
@@ -267,9 +268,12 @@ class GPT(nn.Module):
         rope = self.rope[start : start + h.shape[1]]
         attn_mask = None
         if key_mask is not None:
+            # Causal, minus the masked key columns, but a query always sees its own
+            # position (so no softmax row is empty); one mask for all layers and heads.
             s = h.shape[1]
             causal = torch.ones(s, s, dtype=torch.bool, device=h.device).tril()
-            attn_mask = (causal[None] & key_mask[:, None, :])[:, None]  # (B, 1, S, S)
+            own = torch.eye(s, dtype=torch.bool, device=h.device)
+            attn_mask = (causal[None] & (key_mask[:, None, :] | own[None]))[:, None]  # (B, 1, S, S)
         hidden = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, attn_mask, cache, i)
