@@ -82,6 +82,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from star_scale.plan import main
+
+    return main(args.rest)
+
+
 def cmd_bench(args) -> int:
     if args.what == "data":
         from star_scale.bench_data import main
@@ -118,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     d.set_defaults(fn=cmd_demo)
+
+    pl = sub.add_parser("plan", help="per-GPU memory estimate of recipes' parallel layouts", add_help=False)
+    pl.add_argument("rest", nargs=argparse.REMAINDER)
+    pl.set_defaults(fn=cmd_plan)
 
     b = sub.add_parser("bench", help="benchmarks: `data` (loader vs raw reads), `step` (ST-AR vs AR step time)")
     b.add_argument("what", choices=["data", "step"])

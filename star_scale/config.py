@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses loaded from YAML recipes, validated once.
 
-A recipe is a YAML mapping with the sections below.  Command-line overrides
+A recipe is a YAML mapping with the sections below; ``base: other.yaml`` (or a
+list) merges other recipes underneath, so size recipes share one data setup.  Command-line overrides
 take the form ``key.sub=value`` (the value is parsed as YAML).  Every error
 names the key, the value and what was expected.
 """
@@ -153,8 +154,12 @@ class Config:
                 out[section] = values
         return out
 
-    def validate(self, world_size: int = 1) -> "Config":
-        """Cross-field checks; raise ConfigError naming the keys involved."""
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Cross-field checks; raise ConfigError naming the keys involved.
+
+        world_size: the number of ranks; None skips the checks that need it
+        (they run again at launch, and `plan`/`submit` use the cluster section).
+        """
         m, o, p, d = self.model, self.objective, self.parallel, self.data
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset={m.preset!r}: expected one of {sorted(PRESETS)}")
@@ -168,7 +173,7 @@ class Config:
             raise ConfigError(f"model.width={width} / model.heads={heads} = {width // heads}: 2D RoPE needs a head size divisible by 4")
         if heads % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide model.heads={heads}: each tensor-parallel rank needs whole heads")
-        if world_size % p.tp:
+        if world_size is not None and world_size % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide the world size {world_size}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
@@ -191,7 +196,7 @@ class Config:
                               f"(image positions of a model.grid_size={m.grid_size} sequence)")
         if o.positions < 2 and o.name == "star" and o.step:
             raise ConfigError(f"objective.positions={o.positions}: L_step needs at least 2 positions per sequence")
-        dp = world_size // p.tp
+        dp = (world_size or p.tp) // p.tp
         if d.global_batch < 1 or d.global_batch % dp:
             raise ConfigError(f"data.global_batch={d.global_batch} is not divisible by the data-parallel size {dp} (world {world_size} / tp {p.tp})")
         if d.micro_batch is not None and (d.micro_batch < 1 or (d.global_batch // dp) % d.micro_batch):
@@ -289,20 +294,45 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str] = (), world_size: int = 1) -> Config:
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), str) and key == "objective":
+            out[key] = _merge({"name": out[key]}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: Path, _seen: tuple = ()) -> dict:
+    """A recipe's YAML tree, with ``base:`` recipes (paths relative to it) merged underneath."""
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r}: file not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {str(path)!r}: circular base: chain {[str(p) for p in _seen]}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r}: invalid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {str(path)!r}: expected a mapping of sections at the top level")
+    bases = tree.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_recipe(path.parent / base, _seen + (path.resolve(),)))
+    merged.pop("name", None)  # a run is named after its own recipe
+    return _merge(merged, tree)
+
+
+def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str] = (),
+                world_size: Optional[int] = None) -> Config:
     """Load a YAML recipe (or defaults), apply overrides, validate."""
     tree: dict = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r}: file not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {str(path)!r}: invalid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"recipe {str(path)!r}: expected a mapping of sections at the top level")
-        tree.setdefault("name", path.stem)
+        tree = read_recipe(Path(recipe))
+        tree.setdefault("name", Path(recipe).stem)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:
