@@ -1,0 +1,132 @@
+"""`star-scale bench step`: time per training step of `objective: star` against `objective: ar`.
+
+Both run on the same model and the same number of sequences: AR on 2B
+sequences of one view, ST-AR on B images x 2 views (its student and teacher
+both see all 2B sequences).  A step is the full ``LocalEngine.train_step``
+(forward, backward, clipping, AdamW, and for ST-AR the EMA teacher update) on
+random tokens.  The two are timed interleaved (ar, star, ar, star, ...) after
+warm-up steps, and the medians are compared.  The ideal ratio is about 4/3
+(one extra teacher forward per sequence, no output head); the target is
+<= 1.40.
+
+Default configurations: ``tiny`` (the tiny preset) and ``B-2L`` (B's width
+and heads, 2 layers), both with the paper's data shape (16384 codes, 16x16
+grid, 1000 classes).  The last printed line is ``ratio star/ar = X``, X being
+the largest ratio over the configurations run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+from star_scale.config import Config
+from star_scale.engine import LocalEngine
+from star_scale.models.build import build_model
+from star_scale.training_module import build_training_module
+
+# name -> (layers, heads, width, images per step B)
+CONFIGS = {
+    "tiny": (2, 4, 64, 4),
+    "B-2L": (2, 12, 768, 2),
+    "small": (4, 4, 128, 4),
+}
+
+
+def make_config(objective: str, layers: int, heads: int, width: int, sequences: int, device: str) -> Config:
+    cfg = Config(name=f"bench-{objective}")
+    cfg.model.layers, cfg.model.heads, cfg.model.width = layers, heads, width
+    cfg.objective.name = objective
+    cfg.train.device, cfg.train.precision = device, "auto"
+    cfg.data.global_batch = sequences  # one micro-batch per step
+    return cfg.validate()
+
+
+def build_engine(cfg: Config, seed: int) -> LocalEngine:
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    return LocalEngine(build_training_module(cfg, model), cfg)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_config(name: str, layers: int, heads: int, width: int, images: int, *, reps: int, warmup: int,
+                 device: str, seed: int = 0) -> dict:
+    ar_cfg = make_config("ar", layers, heads, width, 2 * images, device)
+    star_cfg = make_config("star", layers, heads, width, images, device)
+    engines = {"ar": build_engine(ar_cfg, seed), "star": build_engine(star_cfg, seed)}
+    t = ar_cfg.model.grid_size ** 2
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "ar": (torch.randint(0, ar_cfg.model.vocab_size, (2 * images, 1, t), generator=gen),
+               torch.randint(0, ar_cfg.model.num_classes, (2 * images,), generator=gen)),
+        "star": (torch.randint(0, star_cfg.model.vocab_size, (images, 2, t), generator=gen),
+                 torch.randint(0, star_cfg.model.num_classes, (images,), generator=gen)),
+    }
+    times: dict = {"ar": [], "star": []}
+    for rep in range(warmup + reps):
+        for kind in ("ar", "star"):
+            engine = engines[kind]
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            engine.train_step(*inputs[kind])
+            _sync(engine.device)
+            if rep >= warmup:
+                times[kind].append(time.perf_counter() - t0)
+    ar, star = statistics.median(times["ar"]), statistics.median(times["star"])
+    return {"name": name, "layers": layers, "heads": heads, "width": width, "images": images,
+            "sequences": 2 * images, "tokens": t, "ar_s": ar, "star_s": star, "ratio": star / ar,
+            "device": str(engines["ar"].device)}
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="star-scale bench step",
+        description="Time per training step of objective star vs objective ar on the same model and the "
+                    "same number of sequences (AR: 2B sequences x 1 view; ST-AR: B images x 2 views); "
+                    "interleaved repetitions, medians, printed as a ratio (ideal ~4/3, target <= 1.40).")
+    p.add_argument("--configs", default="tiny,B-2L",
+                   help=f"comma-separated configurations out of {', '.join(CONFIGS)} (default: tiny,B-2L)")
+    p.add_argument("--images", type=int, default=None,
+                   help="images B per ST-AR step (AR gets 2B sequences); default: per configuration "
+                        f"({', '.join(f'{k} {v[3]}' for k, v in CONFIGS.items())})")
+    p.add_argument("--reps", type=int, default=7, help="timed steps of each objective (default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each objective first (default 2)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="default: cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        p.error(f"--configs: unknown {unknown}; expected some of {list(CONFIGS)}")
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+
+    worst = 0.0
+    for name in names:
+        layers, heads, width, images = CONFIGS[name]
+        r = bench_config(name, layers, heads, width, args.images or images,
+                         reps=args.reps, warmup=args.warmup, device=args.device)
+        print(f"{name}: {r['layers']} layers x {r['heads']} heads x width {r['width']}, T={r['tokens']}, "
+              f"{r['sequences']} sequences per step, {r['device']}, median of {args.reps}")
+        ar_label = f"ar   ({r['sequences']} seq x 1 view)"
+        star_label = f"star ({r['images']} img x 2 views)"
+        width = max(len(ar_label), len(star_label))
+        print(f"  {ar_label:<{width}} {1e3 * r['ar_s']:9.1f} ms/step")
+        print(f"  {star_label:<{width}} {1e3 * r['star_s']:9.1f} ms/step")
+        print(f"  {name} ratio star/ar = {r['ratio']:.3f}")
+        worst = max(worst, r["ratio"])
+    print(f"ratio star/ar = {worst:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
