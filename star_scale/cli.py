@@ -82,6 +82,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from star_scale.submit import main
+
+    return main(args.rest)
+
+
 def cmd_plan(args) -> int:
     from star_scale.plan import main
 
@@ -124,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     d.set_defaults(fn=cmd_demo)
+
+    sb = sub.add_parser("submit", help="render a recipe into an sbatch script and submit it to Slurm", add_help=False)
+    sb.add_argument("rest", nargs=argparse.REMAINDER)
+    sb.set_defaults(fn=cmd_submit)
 
     pl = sub.add_parser("plan", help="per-GPU memory estimate of recipes' parallel layouts", add_help=False)
     pl.add_argument("rest", nargs=argparse.REMAINDER)

@@ -98,11 +98,21 @@ class TrackingConfig:
 @dataclass
 class ClusterConfig:
     nodes: int = 1
-    gpus_per_node: int = 8
-    partition: Optional[str] = None
+    gpus_per_node: int = 8  # 0: a CPU cluster (tasks_per_node ranks per node)
+    tasks_per_node: Optional[int] = None  # None: one task per GPU
+    cpus_per_task: int = 8
+    partition: Optional[str] = None  # None: the cluster's default partition
     account: Optional[str] = None
     time: str = "24:00:00"
     constraint: Optional[str] = None
+    signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint and requeue
+    extra_sbatch: list = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=high"]
+
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node
+
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node()
 
 
 @dataclass

@@ -89,7 +89,7 @@ def format_plan(cfg: Config, plan: MemoryPlan, gpus: int, limit_gib: float = 80.
     accum = d.global_batch // (dp * micro)
     lines = [
         f"{cfg.name}: {cfg.model.preset} ({n / 1e6:.1f}M params), objective {cfg.objective.name}",
-        f"layout: {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} GPUs = {gpus}; TP {p.tp} x DP {dp}; "
+        f"layout: {cfg.cluster.nodes} node(s) x {cfg.cluster.ranks_per_node()} ranks = {gpus}; TP {p.tp} x DP {dp}; "
         f"ZeRO-{p.zero_stage}; micro batch {micro} x {accum} accumulation = global {d.global_batch}; "
         f"activation checkpointing {'on' if p.activation_checkpointing else 'off'}",
     ]
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     worst = 0.0
     for r in args.recipes:
         cfg = load_config(r)
-        gpus = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+        gpus = cfg.cluster.world_size()
         cfg.validate(gpus)
         plan = estimate(cfg, gpus)
         worst = max(worst, plan.total / GIB)

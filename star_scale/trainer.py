@@ -20,8 +20,9 @@ from star_scale.checkpoint import CheckpointDir
 from star_scale.config import Config, ConfigError, save_config
 from star_scale.data.loader import TokenLoader
 from star_scale.data.store import open_store
-from star_scale.engine import LocalEngine
+from star_scale.launch import is_main_process, select_engine
 from star_scale.models.build import build_model
+from star_scale.preemption import StopSignals
 from star_scale.throughput import Meter, memory_stats
 from star_scale.tracking import make_tracker
 from star_scale.training_module import build_training_module
@@ -84,7 +85,7 @@ class MetricsLog:
 
 
 def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int] = None,
-          engine_factory=LocalEngine) -> dict:
+          engine_factory=None) -> dict:
     """Train (resuming from the run folder's latest checkpoint) to cfg.train.steps.
 
     recipe: the YAML it came from, kept with the run as an artifact.
@@ -93,27 +94,27 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     """
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if is_main_process():  # one writer: ranks racing on the same temp file lose the rename
+        save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.train.seed)
 
     store = open_store(cfg.data.path)
     check_store_matches(cfg, store)
     model = build_model(cfg)
     module = build_training_module(cfg, model)
-    engine = engine_factory(module, cfg)
+    engine = (engine_factory or select_engine(cfg))(module, cfg)
     loader = TokenLoader(store, cfg.data.global_batch // engine.dp_size, views=module.views,
                          rank=engine.dp_rank, world_size=engine.dp_size, seed=cfg.data.seed,
                          buffer_chunks=cfg.data.shuffle_buffer_chunks)
 
     ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     step, run_id = 0, None
-    latest = ckpts.load_latest()
+    latest = engine.load_checkpoint(ckpts)  # the engine restores itself; trainer state comes back
     if latest is not None:
-        step, state = latest
-        engine.load_state_dict(state["engine"])
-        loader.load_state_dict(state["trainer"]["loader"])
-        set_rng_state(state["trainer"]["rng"])
-        run_id = state["trainer"].get("mlflow_run_id")
+        step, trainer_state = latest
+        loader.load_state_dict(trainer_state["loader"])
+        set_rng_state(trainer_state["rng"])
+        run_id = trainer_state.get("mlflow_run_id")
         log.info("resumed from %s", ckpts.path(step))
 
     tracker = make_tracker(cfg, run_dir, run_id, engine.is_main)
@@ -125,12 +126,13 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     def save() -> None:
         trainer_state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
                          "mlflow_run_id": tracker.run_id}
-        ckpts.save(step, {"engine": engine.state_dict(), "trainer": trainer_state})
+        engine.save_checkpoint(ckpts, step, trainer_state)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if engine.is_main else None
     tokens_per_step = cfg.data.global_batch * module.views * store.tokens_per_image
     meter = Meter(model.flops_per_token() * getattr(module, "flops_factor", 1.0), engine.device)
     batches = iter(loader)
+    stop = StopSignals()
     last = {}
     start = step
     bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.name, disable=not engine.is_main, dynamic_ncols=True)
@@ -155,6 +157,10 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
                     log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, metrics["loss"],
                              " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_")),
                              rate["tokens_per_s"], 100 * rate["mfu"])
+            if stop.should_stop(engine.device):
+                save()
+                stop.requeue_if_asked(engine.is_main)
+                break
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save()
     except BaseException:
@@ -163,10 +169,11 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     else:
         tracker.close(status="FINISHED" if step >= cfg.train.steps else None)
     finally:
+        stop.restore()
         bar.close()
         if metrics_log:
             metrics_log.close()
-    return {"step": step, "run_dir": str(run_dir), "mlflow_run_id": tracker.run_id, **last}
+    return {"step": step, "run_dir": str(run_dir), "mlflow_run_id": tracker.run_id, "stopped_by": stop.signal_name, **last}
 
 
 def setup_logging(level: str = os.environ.get("STAR_SCALE_LOG", "INFO")) -> None:

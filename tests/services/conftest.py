@@ -56,3 +56,14 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    from tests.services.slurm import LocalSlurm, have_slurm
+
+    if not have_slurm():
+        pytest.fail("slurm-wlm and munge are not installed (`make test` installs them when run as root)")
+    cluster = LocalSlurm()
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,59 @@
+"""Stop cleanly on Slurm's signals: checkpoint, and requeue when the time limit nears.
+
+- SIGUSR1 (``--signal=USR1@N``): the time limit is N seconds away; save,
+  then ``scontrol requeue`` this job so it continues from the checkpoint.
+- SIGTERM (``scontrol requeue``, preemption, ``scancel``): save and exit; Slurm
+  requeues or ends the job itself.
+All ranks must stop at the same step, so the flag is agreed on collectively.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class StopSignals:
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test harness): no handlers
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        log.warning("received %s: will checkpoint at the end of this step", self.signal_name)
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled (one tiny all-reduce when distributed)."""
+        flag = self.signal_name is not None
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([2 if self.signal_name == "SIGUSR1" else int(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() and self.signal_name is None:
+                self.signal_name = "SIGUSR1" if t.item() == 2 else "SIGTERM"
+            return bool(t.item())
+        return flag
+
+    def requeue_if_asked(self, is_main: bool) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.signal_name != "SIGUSR1" or not is_main or not job:
+            return
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if result.returncode:
+            log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+        else:
+            log.warning("requeued Slurm job %s; it resumes from the checkpoint just written", job)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

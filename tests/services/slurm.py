@@ -1,0 +1,48 @@
+"""The real local Slurm cluster (cluster/local/) as a test helper."""
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class LocalSlurm:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="slurm.", dir="/tmp")  # short path: munge socket < 108 chars
+        out = subprocess.run([str(ROOT / "cluster/local/start.sh"), self.dir], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"local Slurm did not start: {out.stderr}")
+        self.env = {**os.environ, "SLURM_CONF": f"{self.dir}/slurm.conf"}
+
+    def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, **kw)
+        if check and out.returncode:
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({out.returncode}): {out.stdout}\n{out.stderr}")
+        return out
+
+    def job_state(self, job: str) -> str:
+        out = self.run("scontrol", "show", "job", job, "-o", check=False).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def wait(self, job: str, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.job_state(job)
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout} s")
+
+    def stop(self) -> None:
+        subprocess.run([str(ROOT / "cluster/local/stop.sh"), self.dir], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def have_slurm() -> bool:
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch"))

@@ -1,0 +1,70 @@
+"""`star-scale submit` against the real local Slurm cluster (cluster/local/)."""
+import json
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from star_scale.tracking import default_uri
+from tests.conftest import TINY
+
+SUBMIT = [sys.executable, "-m", "star_scale.cli", "submit"]
+
+
+def local_overrides(token_npz, out_dir, steps, tasks=1):
+    return [*TINY, f"data.path={token_npz}", "data.global_batch=16", f"train.steps={steps}", "train.log_every=1",
+            "train.ckpt_every=5", f"train.out_dir={out_dir}", "optimizer.lr_batch=null",
+            "cluster.gpus_per_node=0", f"cluster.tasks_per_node={tasks}", "cluster.cpus_per_task=1",
+            "cluster.time=00:10:00"]
+
+
+def losses(run_dir):
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def submit(slurm, *args):
+    out = slurm.run(*SUBMIT, *args)
+    return out.stdout.split()[2].rstrip(":")  # "submitted job 12: path"
+
+
+def test_submit_trains_checkpoints_and_tracks(slurm, token_npz, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "recipes/tiny-ar.yaml", *local_overrides(token_npz, run_dir, steps=10))
+    assert slurm.wait(job) == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()
+    assert (run_dir / "checkpoints" / "step_00000010" / "meta.json").is_file()
+    assert list(run_dir.glob("submit-*.sbatch"))
+    client = MlflowClient(default_uri(run_dir))
+    runs = client.search_runs([client.get_experiment_by_name("star-scale").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["slurm_job_id"] == job
+
+
+def test_requeue_mid_training_resumes_to_the_same_losses(slurm, token_npz, tmp_path):
+    steps = 200
+    reference = tmp_path / "reference"
+    job = submit(slurm, "recipes/tiny-ar.yaml", *local_overrides(token_npz, reference, steps), "tracking.enabled=false")
+    assert slurm.wait(job) == "COMPLETED"
+
+    run_dir = tmp_path / "requeued"
+    job = submit(slurm, "recipes/tiny-ar.yaml", *local_overrides(token_npz, run_dir, steps), "tracking.enabled=false")
+    import time
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) > 20):
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    slurm.run("scontrol", "requeue", job)
+    assert slurm.wait(job) == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert "restart 1" in log and "received SIGTERM" in log
+    assert losses(run_dir) == losses(reference)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["recipes/missing.yaml"], "recipe 'recipes/missing.yaml': file not found"),
+    (["recipes/3B-star.yaml", "cluster.gpus_per_node=3"], "parallel.tp=2 does not divide the 3 ranks per node"),
+    (["recipes/tiny-ar.yaml", "--partition", "nope"], "cluster.partition='nope' does not exist on this cluster"),
+])
+def test_bad_submissions_fail_before_sbatch(slurm, args, message):
+    out = slurm.run(*SUBMIT, *args, check=False)
+    assert out.returncode == 2 and message in out.stderr
+    assert slurm.run("squeue", "-h").stdout.strip() == ""
