@@ -10,9 +10,14 @@ setup(
     packages=find_packages(include=["star_scale", "star_scale.*", "tokenize_data", "tokenize_data.*"]),
     install_requires=[
         "torch>=2.4",
-        "numpy",
-        "pyyaml",
+        "deepspeed>=0.16",  # install with DS_BUILD_OPS=0 on CPU (the Makefile does)
+        "megatron-core>=0.12",
+        "mlflow>=2.16",
         "zarr>=3",
+        "pyyaml",
+        "numpy",
+        "scipy",
+        "matplotlib",
         "tqdm",
         "pillow",
     ],

@@ -82,16 +82,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_submit(args) -> int:
-    from star_scale.submit import main
+# Subcommands that own their arguments: `star-scale NAME ...` runs MODULE.main(...).
+PASSTHROUGH = {
+    "submit": ("star_scale.submit", "render a recipe into an sbatch script and submit it to Slurm"),
+    "plan": ("star_scale.plan", "per-GPU memory estimate of recipes' parallel layouts"),
+    "sample": ("star_scale.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
+    "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),
+    "probe": ("star_scale.probe", "linear-probe accuracy of a model's middle-layer features"),
+}
 
-    return main(args.rest)
 
+def cmd_passthrough(args) -> int:
+    import importlib
 
-def cmd_plan(args) -> int:
-    from star_scale.plan import main
-
-    return main(args.rest)
+    return importlib.import_module(PASSTHROUGH[args.command][0]).main(args.rest) or 0
 
 
 def cmd_bench(args) -> int:
@@ -131,13 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     d.set_defaults(fn=cmd_demo)
 
-    sb = sub.add_parser("submit", help="render a recipe into an sbatch script and submit it to Slurm", add_help=False)
-    sb.add_argument("rest", nargs=argparse.REMAINDER)
-    sb.set_defaults(fn=cmd_submit)
-
-    pl = sub.add_parser("plan", help="per-GPU memory estimate of recipes' parallel layouts", add_help=False)
-    pl.add_argument("rest", nargs=argparse.REMAINDER)
-    pl.set_defaults(fn=cmd_plan)
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sp = sub.add_parser(name, help=help_text, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=cmd_passthrough)
 
     b = sub.add_parser("bench", help="benchmarks: `data` (loader vs raw reads), `step` (ST-AR vs AR step time)")
     b.add_argument("what", choices=["data", "step"])
@@ -149,7 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from star_scale.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Subcommands with their own parsers get their arguments verbatim (argparse's
+    # REMAINDER would swallow a leading --help).
+    if argv and argv[0] in PASSTHROUGH:
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], fn=cmd_passthrough)
+    elif argv and argv[0] == "tokenize":
+        args = argparse.Namespace(command="tokenize", rest=argv[1:], fn=cmd_tokenize)
+    elif len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("data", "step"):
+        args = argparse.Namespace(command="bench", what=argv[1], rest=argv[2:], fn=cmd_bench)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -1,0 +1,77 @@
+"""`star-scale evaluate`: FID, sFID, IS, precision and recall of a sample .npz, as the ADM evaluator."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+DESCRIPTION = """\
+Evaluate generated images the way OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py)
+does: FID and precision/recall (k=3) on Inception pool_3 features, sFID on mixed_6/conv features,
+Inception Score on the classifier's softmax (splits of 5000).
+
+SAMPLE is an ADM .npz (arr_0: N x H x W x 3 uint8, as `star-scale sample` writes) or a feature
+file written by --save-features. REF is an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz:
+arr_0 images and precomputed mu/sigma/mu_s/sigma_s, which are used for FID/sFID when present) or
+a feature file.
+
+The Inception network runs in PyTorch with weights from a local file: pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth (the TF 2015-12-05 graph the ADM evaluator uses, converted).
+Nothing is downloaded: fetch it once elsewhere from
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+Torchvision's ImageNet Inception weights give different numbers.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="star-scale evaluate", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sample", help="sample batch: ADM .npz with arr_0, or a feature file")
+    p.add_argument("--ref", help="reference batch: ADM .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or a feature "
+                                 "file; without it only the Inception Score is computed")
+    p.add_argument("--inception-weights", help="path to pt_inception-2015-12-05-6726825d.pth (needed for images)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64, as ADM)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--cache-dir", help="keep Inception features of each input here (reused on the next run)")
+    p.add_argument("--save-features", help="also write the sample's features to this .npz (a feature file)")
+    p.add_argument("--limit", type=int, help="use only the first N sample images (quick checks)")
+    p.add_argument("--fp32-distances", action="store_true",
+                   help="precision/recall distances in float32 (ADM computes them in float16)")
+    p.add_argument("--out", help="write the metrics as JSON to this file too")
+    return p
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from star_scale.evaluate.run import evaluate_npz
+
+    try:
+        result = evaluate_npz(args.sample, args.ref, args.inception_weights, args.batch_size,
+                              resolve_device(args.device), args.cache_dir, args.limit, args.save_features,
+                              half=not args.fp32_distances)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"star-scale evaluate: error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        tmp = f"{args.out}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
