@@ -125,6 +125,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     out_dir: str = "runs/{name}"
+    probe_every: int = 0  # live linear probe of the middle layer every N steps (0: off), logged as probe_acc
+    probe_images: int = 2048  # first N images of the store, 80/20 train/val split, crop 0
 
 
 @dataclass

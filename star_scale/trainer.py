@@ -65,6 +65,17 @@ def check_store_matches(cfg: Config, store) -> None:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the store's {classes} classes")
 
 
+def live_probe(cfg: Config, student, store) -> float:
+    """Linear-probe accuracy of the student's middle layer on the store's first images (all ranks call it)."""
+    from star_scale.probe import read_tokens, probe_accuracy
+
+    tokens, labels = read_tokens(cfg.data.path, crop=0, limit=cfg.train.probe_images)
+    split = int(0.8 * len(labels))
+    with torch.random.fork_rng(devices=[]):  # the probe must not move the training RNG (exact resume)
+        return probe_accuracy(student, tokens[:split], labels[:split], tokens[split:], labels[split:],
+                              layer=cfg.contrastive_layer())
+
+
 class MetricsLog:
     """Per-step metrics as JSON lines; on resume, lines past the checkpoint are dropped."""
 
@@ -131,6 +142,17 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if engine.is_main else None
     tokens_per_step = cfg.data.global_batch * module.views * store.tokens_per_image
     meter = Meter(model.flops_per_token() * getattr(module, "flops_factor", 1.0), engine.device)
+    def report(record: dict, rate: dict) -> None:
+        step = record["step"]
+        extra = {"tokens_seen": step * tokens_per_step,
+                 "samples_per_s": rate["tokens_per_s"] / (module.views * store.tokens_per_image)}
+        tracker.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **rate,
+                             **memory_stats(engine.device), **extra}, step)
+        if engine.is_main:
+            log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, record["loss"],
+                     " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss_", "probe_"))),
+                     rate["tokens_per_s"], 100 * rate["mfu"])
+
     batches = iter(loader)
     stop = StopSignals()
     last = {}
@@ -143,20 +165,17 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
             step += 1
             meter.add(tokens_per_step // engine.dp_size)
             record = {"step": step, **metrics}
+            if cfg.train.probe_every and step % cfg.train.probe_every == 0:
+                record["probe_acc"] = live_probe(cfg, module.student, store)
             if metrics_log:
                 metrics_log.write(record)
             last = record
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                rate = meter.read()
-                tracker.log_metrics({**metrics, **rate, **memory_stats(engine.device),
-                                     "tokens_seen": step * tokens_per_step,
-                                     "samples_per_s": rate["tokens_per_s"] / (module.views * store.tokens_per_image)}, step)
+                report(record, meter.read())
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if engine.is_main:
-                    log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, metrics["loss"],
-                             " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_")),
-                             rate["tokens_per_s"], 100 * rate["mfu"])
+            elif "probe_acc" in record:
+                tracker.log_metrics({"probe_acc": record["probe_acc"]}, step)
             if stop.should_stop(engine.device):
                 save()
                 stop.requeue_if_asked(engine.is_main)

@@ -66,3 +66,13 @@ def test_checkpoints_are_pruned_to_keep(tmp_path):
         ckpts.save(s, {"s": s})
     assert ckpts.steps() == [2, 3]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_live_probe_is_logged_and_leaves_training_unchanged(tiny_cfg):
+    plain = tiny_cfg(out="plain")
+    probed = tiny_cfg("train.probe_every=3", "train.probe_images=128", out="probed")
+    train(plain), train(probed)
+    records = [json.loads(l) for l in (probed.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    accs = [r["probe_acc"] for r in records if "probe_acc" in r]
+    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+    assert losses(probed.run_dir()) == losses(plain.run_dir())
