@@ -85,6 +85,7 @@ def cmd_demo(args) -> int:
 # Subcommands that own their arguments: `star-scale NAME ...` runs MODULE.main(...).
 PASSTHROUGH = {
     "submit": ("star_scale.submit", "render a recipe into an sbatch script and submit it to Slurm"),
+    "submit-tokenize": ("star_scale.submit_tokenize", "run the offline tokenizer as a Slurm array, then a verify job"),
     "plan": ("star_scale.plan", "per-GPU memory estimate of recipes' parallel layouts"),
     "sample": ("star_scale.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),

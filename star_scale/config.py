@@ -46,7 +46,7 @@ class DataConfig:
     micro_batch: Optional[int] = None  # per rank per forward; None: global_batch / data-parallel size
     seed: int = 0
     shuffle_buffer_chunks: int = 4  # chunks mixed in memory before sampling
-    prefetch: int = 2  # batches read ahead in the background
+    prefetch: int = 2  # shuffle windows (buffer_chunks chunks each) read ahead by a background thread
 
 
 @dataclass

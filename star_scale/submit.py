@@ -71,26 +71,35 @@ def create_experiment(cfg: Config) -> str:
     return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
 
 
-def render(cfg: Config, train_args: list[str], experiment_id: str, template: Path = TEMPLATES / "train.sbatch") -> str:
-    c = cfg.cluster
-    extra = []
-    if c.gpus_per_node:
-        extra.append(f"#SBATCH --gpus-per-node={c.gpus_per_node}")
+def sbatch_options(c) -> list[str]:
+    """#SBATCH lines for the optional cluster settings (GPUs, partition, account, constraint, extras)."""
+    lines = [f"#SBATCH --gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []
     for flag, value in (("partition", c.partition), ("account", c.account), ("constraint", c.constraint)):
         if value:
-            extra.append(f"#SBATCH --{flag}={value}")
-    extra += [f"#SBATCH {opt}" for opt in c.extra_sbatch]
-    values = {
-        "JOB_NAME": cfg.name, "NODES": c.nodes, "TASKS_PER_NODE": c.ranks_per_node(), "CPUS_PER_TASK": c.cpus_per_task,
-        "TIME": c.time, "RUN_DIR": cfg.run_dir().resolve(), "SIGNAL_SECONDS": c.signal_seconds,
-        "EXTRA_SBATCH": "\n".join(extra), "EXPERIMENT_ID": shlex.quote(experiment_id),
-        "WORKDIR": shlex.quote(str(Path.cwd())), "PYTHON": shlex.quote(sys.executable),
-        "ARGS": " ".join(shlex.quote(a) for a in train_args),
-    }
+            lines.append(f"#SBATCH --{flag}={value}")
+    return lines + [f"#SBATCH {opt}" for opt in c.extra_sbatch]
+
+
+def fill(template: Path, values: dict) -> str:
+    """Replace each @KEY@ of a cluster/templates file; a placeholder left over is a bug in the template."""
     text = template.read_text()
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
+    left = [w for w in text.split("@") if w.isupper() and w.replace("_", "").isalpha() and f"@{w}@" in text]
+    if left:
+        raise ValueError(f"{template}: placeholders without a value: {sorted(set(left))}")
     return text
+
+
+def render(cfg: Config, train_args: list[str], experiment_id: str, template: Path = TEMPLATES / "train.sbatch") -> str:
+    c = cfg.cluster
+    return fill(template, {
+        "JOB_NAME": cfg.name, "NODES": c.nodes, "TASKS_PER_NODE": c.ranks_per_node(), "CPUS_PER_TASK": c.cpus_per_task,
+        "TIME": c.time, "RUN_DIR": cfg.run_dir().resolve(), "SIGNAL_SECONDS": c.signal_seconds,
+        "EXTRA_SBATCH": "\n".join(sbatch_options(c)), "EXPERIMENT_ID": shlex.quote(experiment_id),
+        "WORKDIR": shlex.quote(str(Path.cwd())), "PYTHON": shlex.quote(sys.executable),
+        "ARGS": " ".join(shlex.quote(a) for a in train_args),
+    })
 
 
 def sbatch(script: Path, extra: list[str] = ()) -> str:

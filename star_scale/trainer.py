@@ -116,7 +116,7 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     engine = (engine_factory or select_engine(cfg))(module, cfg)
     loader = TokenLoader(store, cfg.data.global_batch // engine.dp_size, views=module.views,
                          rank=engine.dp_rank, world_size=engine.dp_size, seed=cfg.data.seed,
-                         buffer_chunks=cfg.data.shuffle_buffer_chunks)
+                         buffer_chunks=cfg.data.shuffle_buffer_chunks, prefetch=cfg.data.prefetch)
 
     ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     step, run_id = 0, None
