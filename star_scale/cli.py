@@ -86,6 +86,7 @@ def cmd_demo(args) -> int:
 PASSTHROUGH = {
     "submit": ("star_scale.submit", "render a recipe into an sbatch script and submit it to Slurm"),
     "submit-tokenize": ("star_scale.submit_tokenize", "run the offline tokenizer as a Slurm array, then a verify job"),
+    "sweep": ("star_scale.sweep", "scaling-law sweeps: plan a grid, submit one Slurm array, fit L(N, D) from mlflow"),
     "plan": ("star_scale.plan", "per-GPU memory estimate of recipes' parallel layouts"),
     "sample": ("star_scale.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),

@@ -9,6 +9,7 @@ the run folder (no server needed).  A resumed run reopens the same mlflow run
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -43,6 +44,13 @@ def run_tags() -> dict:
             tags["git_commit"] = sha
     except (OSError, subprocess.SubprocessError):
         pass
+    # Extra tags as a JSON object, e.g. {"sweep": "tiny"} from `star-scale sweep submit`'s array tasks.
+    extra = os.environ.get("STAR_SCALE_MLFLOW_TAGS")
+    if extra:
+        try:
+            tags.update({str(k): str(v) for k, v in json.loads(extra).items()})
+        except (ValueError, AttributeError):
+            log.warning("STAR_SCALE_MLFLOW_TAGS=%r: expected a JSON object of tags; ignored", extra)
     return tags
 
 
