@@ -87,6 +87,7 @@ PASSTHROUGH = {
     "submit": ("star_scale.submit", "render a recipe into an sbatch script and submit it to Slurm"),
     "submit-tokenize": ("star_scale.submit_tokenize", "run the offline tokenizer as a Slurm array, then a verify job"),
     "sweep": ("star_scale.sweep", "scaling-law sweeps: plan a grid, submit one Slurm array, fit L(N, D) from mlflow"),
+    "export": ("star_scale.parallel.export", "export a run's newest checkpoint as single-file student.pt / teacher.pt"),
     "plan": ("star_scale.plan", "per-GPU memory estimate of recipes' parallel layouts"),
     "sample": ("star_scale.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),
@@ -100,12 +101,13 @@ def cmd_passthrough(args) -> int:
     return importlib.import_module(PASSTHROUGH[args.command][0]).main(args.rest) or 0
 
 
+BENCHES = {"data": "star_scale.bench_data", "step": "star_scale.bench_step", "memory": "star_scale.bench_memory"}
+
+
 def cmd_bench(args) -> int:
-    if args.what == "data":
-        from star_scale.bench_data import main
-    else:
-        from star_scale.bench_step import main
-    return main(args.rest) or 0
+    import importlib
+
+    return importlib.import_module(BENCHES[args.what]).main(args.rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=cmd_passthrough)
 
-    b = sub.add_parser("bench", help="benchmarks: `data` (loader vs raw reads), `step` (ST-AR vs AR step time)")
-    b.add_argument("what", choices=["data", "step"])
+    b = sub.add_parser("bench", help="benchmarks: `data` (loader vs raw reads), `step` (ST-AR vs AR step time), "
+                                     "`memory` (ZeRO-3 per-rank memory, 2 ranks vs 1)")
+    b.add_argument("what", choices=sorted(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     b.set_defaults(fn=cmd_bench)
     return p
@@ -152,14 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from star_scale.config import ConfigError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from star_scale.launch import strip_launcher_args
+
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))  # deepspeed adds --local_rank
     # Subcommands with their own parsers get their arguments verbatim (argparse's
     # REMAINDER would swallow a leading --help).
     if argv and argv[0] in PASSTHROUGH:
         args = argparse.Namespace(command=argv[0], rest=argv[1:], fn=cmd_passthrough)
     elif argv and argv[0] == "tokenize":
         args = argparse.Namespace(command="tokenize", rest=argv[1:], fn=cmd_tokenize)
-    elif len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("data", "step"):
+    elif len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         args = argparse.Namespace(command="bench", what=argv[1], rest=argv[2:], fn=cmd_bench)
     else:
         args = build_parser().parse_args(argv)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from star_scale.config import Config
+from star_scale.objectives.draws import set_step_draws
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,13 @@ class LocalEngine:
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_dtype(cfg.train.precision, self.device)
         self.module = module.to(self.device)
+        for m in module.modules():  # recompute blocks in backward instead of keeping their activations
+            if hasattr(m, "activation_checkpointing"):
+                m.activation_checkpointing = cfg.parallel.activation_checkpointing
         self.optimizer = make_optimizer(module, cfg, self.device)
         self.micro_batch = cfg.data.micro_batch or cfg.data.global_batch
         self.dp_rank, self.dp_size, self.is_main = 0, 1, True
+        self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -79,6 +84,7 @@ class LocalEngine:
         for start in range(0, n, self.micro_batch):
             sl = slice(start, start + self.micro_batch)
             weight = (min(n, start + self.micro_batch) - start) / n
+            set_step_draws(self.module, self.cfg.train.seed, self.step, start, n)
             with self.autocast():
                 loss, metrics = self.module(tokens[sl], labels[sl])
             (loss * weight).backward()
@@ -89,9 +95,26 @@ class LocalEngine:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.module.after_optimizer_step()
+        self.step += 1
         totals["grad_norm"] = float(grad_norm)
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
+
+    def save_checkpoint(self, ckpts, step: int, trainer_state: dict) -> None:
+        """One process writes everything (a distributed engine coordinates its ranks instead)."""
+        ckpts.save(step, {"engine": self.state_dict(), "trainer": trainer_state})
+
+    def load_checkpoint(self, ckpts):
+        """Restore from the newest whole checkpoint: (step, trainer state), or None.
+
+        Distributed checkpoints (any world or TP size) load through their consolidated state.
+        """
+        from star_scale.parallel.consolidated import load_latest_local  # torch only, no DeepSpeed
+
+        latest = load_latest_local(self, ckpts)
+        if latest is not None:
+            self.step = latest[0]
+        return latest
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from star_scale.config import Config, ObjectiveConfig
 from star_scale.models.gpt import GPT
-from star_scale.objectives.ar import next_token_loss
 from star_scale.objectives.contrastive import Projector, contrastive_losses, gather_at
+from star_scale.objectives.draws import MASK, POSITIONS
 from star_scale.objectives.masks import mim_key_mask, sample_positions
 from star_scale.objectives.mim import cosine_similarity, last_layer_features
 from star_scale.teacher import EMATeacher
@@ -30,7 +30,7 @@ class ARModule(nn.Module):
         """tokens: (B, views, T) codes; labels: (B,)."""
         seq = tokens[:, 0]
         out = self.student(seq[:, :-1], labels)
-        loss = next_token_loss(out.logits, seq)
+        loss = self.student.next_token_loss(out.logits, seq)  # TP heads bring their own
         return loss, {"loss_ar": loss.detach()}
 
     def after_optimizer_step(self) -> None:
@@ -87,6 +87,9 @@ class STARModule(nn.Module):
         self.projector = Projector(student.args.width, objective.projector_hidden) if self.contrastive else None
         # Data-parallel process group the negatives are gathered over (None: the default group).
         self.negatives_group = None
+        # Set by the engine per micro-batch (objectives/draws.py): masks and positions then
+        # depend on (seed, step, sample), not on the layout; None: the torch RNG.
+        self.draws = None
         self.flops_factor = self._flops_factor()
 
     def _flops_factor(self) -> float:
@@ -110,9 +113,13 @@ class STARModule(nn.Module):
         last = self.student.args.layers
         layers = (last, self.layer) if self.contrastive else (last,)
 
-        key_mask = mim_key_mask(b * m, s, o.mask_ratio, device=dev) if self.mim else None
+        draws = self.draws
+        key_mask = None
+        if self.mim:
+            scores = draws.uniform(MASK, b, m, s - 1, dev) if draws else None
+            key_mask = mim_key_mask(b * m, s, o.mask_ratio, device=dev, scores=scores)
         out = self.student(inp, lab, key_mask=key_mask, return_layers=layers)
-        terms = {"loss_ar": next_token_loss(out.logits, seq)}
+        terms = {"loss_ar": self.student.next_token_loss(out.logits, seq)}
         extras: dict = {}
         if self.teacher is None:
             return terms, extras
@@ -131,7 +138,8 @@ class STARModule(nn.Module):
 
         if self.contrastive:
             k, w = o.positions, self.student.args.width
-            pos = sample_positions(b * m, s, k, device=dev)
+            scores = draws.uniform(POSITIONS, b, m, s - 1, dev) if draws else None
+            pos = sample_positions(b * m, s, k, device=dev, scores=scores)
             anchors = self.projector(gather_at(out.hidden[self.layer], pos)).view(b, m, k, w)
             c = contrastive_losses(anchors, tout.hidden[self.layer].view(b, m, s, w), pos.view(b, m, k),
                                    o.temperature, step=self.step, view=self.view, group=self.negatives_group)
@@ -163,6 +171,18 @@ class STARModule(nn.Module):
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:
             self.teacher.update(self.student)
+
+    def take_teacher(self):
+        """Remove the EMA teacher from the submodules and return it (a sharding engine holds it instead)."""
+        return self._modules.pop("teacher", None)
+
+    def use_teacher(self, teacher) -> None:
+        """Use an engine-held teacher (same call, ``.model``, ``.update``, ``.copy_from``).
+
+        A plain attribute, not a submodule: the student's engine neither partitions,
+        optimises nor checkpoints it; the teacher's engine does that itself.
+        """
+        self.__dict__["teacher"] = teacher
 
     def reset_teacher(self) -> None:
         """Copy the student's current weights into the teacher (call after loading pretrained student weights)."""

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,9 @@ class Attention(nn.Module):
     def __init__(self, args: GPTArgs, linear: Callable[..., nn.Module]):
         super().__init__()
         self.heads, self.head_dim = args.heads, args.head_dim
-        # Fused q|k|v projection, named as in LlamaGen.
-        self.wqkv = linear(args.width, 3 * args.width, kind="column")
+        # Fused q|k|v projection, named as in LlamaGen.  Kind "qkv": column-parallel under TP,
+        # but each rank takes its own heads' q, k and v; heads per rank follow from its rows.
+        self.wqkv = linear(args.width, 3 * args.width, kind="qkv")
         self.wo = linear(args.width, args.width, kind="row")
         self.resid_dropout = nn.Dropout(args.resid_dropout)
 
@@ -231,6 +233,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(args.width, args.norm_eps)
         self.output = linear(args.width, args.vocab_size, kind="head")
         self.register_buffer("rope", rope_table_2d(args.grid_size, args.head_dim, args.rope_base), persistent=False)
+        self.activation_checkpointing = False  # set by the engine from parallel.activation_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -275,14 +278,29 @@ class GPT(nn.Module):
             own = torch.eye(s, dtype=torch.bool, device=h.device)
             attn_mask = (causal[None] & (key_mask[:, None, :] | own[None]))[:, None]  # (B, 1, S, S)
         hidden = {}
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, attn_mask, cache, i)
+            if recompute:  # keep only block inputs; recompute the block in backward (RNG state preserved)
+                h = checkpoint(layer, h, rope, attn_mask, None, i, use_reentrant=False)
+            else:
+                h = layer(h, rope, attn_mask, cache, i)
             if i + 1 in return_layers:
                 hidden[i + 1] = h
         if cache is not None:
             cache.length += h.shape[1]
         out = self.output(self.norm(h)).float() if logits else None
         return GPTOutput(out, hidden)
+
+    def next_token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of logits (B, T, V) for targets (B, T).
+
+        A tensor-parallel head brings its own loss (vocab-parallel cross-entropy
+        over its vocab-sharded logits); a plain head uses F.cross_entropy.
+        """
+        own = getattr(self.output, "cross_entropy", None)
+        if own is not None:
+            return own(logits, targets)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
         a = self.args

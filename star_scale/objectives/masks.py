@@ -1,7 +1,7 @@
 """Random draws of ST-AR's student side: MIM key masks and contrastive positions.
 
-Both use the torch RNG of the tensors' device (the trainer checkpoints it, so a
-resumed run draws the same masks).  Sequence layout is the GPT's: position 0
+Both take their uniforms from ``scores`` when given (the layout-independent
+per-step table of ``draws.py``), else from the torch RNG of the device.  Sequence layout is the GPT's: position 0
 is the class token, positions 1..S-1 are image tokens.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ def masked_count(seq_len: int, ratio: float) -> int:
     return int(math.floor(ratio * (seq_len - 1) + 0.5))
 
 
-def mim_key_mask(batch: int, seq_len: int, ratio: float, *, device=None) -> Optional[torch.Tensor]:
+def mim_key_mask(batch: int, seq_len: int, ratio: float, *, device=None,
+                 scores: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """(B, S) bool key mask, True = visible, for the MIM student's attention.
 
     Each sequence independently masks exactly ``masked_count(S, ratio)`` of its
@@ -32,15 +33,18 @@ def mim_key_mask(batch: int, seq_len: int, ratio: float, *, device=None) -> Opti
     n = masked_count(seq_len, ratio)
     if n == 0:
         return None
-    scores = torch.rand(batch, seq_len - 1, device=device)
+    if scores is None:
+        scores = torch.rand(batch, seq_len - 1, device=device)
     hidden = scores.topk(n, dim=1).indices + 1  # masked columns, in 1..S-1
     visible = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     return visible.scatter_(1, hidden, False)
 
 
-def sample_positions(batch: int, seq_len: int, k: int, *, device=None) -> torch.Tensor:
+def sample_positions(batch: int, seq_len: int, k: int, *, device=None,
+                     scores: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, K) int64: K distinct image positions (1..S-1) per sequence, uniformly at random."""
     if not 1 <= k <= seq_len - 1:
         raise ValueError(f"cannot sample {k} distinct positions from {seq_len - 1} image positions")
-    scores = torch.rand(batch, seq_len - 1, device=device)
+    if scores is None:
+        scores = torch.rand(batch, seq_len - 1, device=device)
     return scores.topk(k, dim=1).indices + 1

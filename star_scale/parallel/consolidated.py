@@ -1,0 +1,84 @@
+"""The consolidated state: the one checkpoint form every engine and layout understands (torch only).
+
+    {"format", "args", "module": {name: whole fp32 weight}, "moments": {name: {exp_avg, exp_avg_sq}},
+     "optimizer_step", "teacher": {name: whole weight} | None, "layout"}
+
+Names are the training module's at TP = 1 (``student.*``, ``projector.*``); the
+teacher's are its GPT's.  A distributed checkpoint carries one
+(``consolidated.pt``); a single-process checkpoint (LocalEngine's module and
+torch optimizer state dicts) converts to one and back, so a run can move
+between one process and many in either direction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+CONSOLIDATED = "star-scale-consolidated-v1"
+DISTRIBUTED = "star-scale-dist-v1"
+TEACHER = "teacher.model."  # the EMATeacher's GPT inside a training module
+
+
+def _ndim(p: torch.Tensor) -> int:
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 empties p.data
+
+
+def optimizer_order(module: nn.Module) -> list[str]:
+    """Trainable parameter names in torch AdamW's index order (``engine.param_groups``: matrices, then the rest)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not n.startswith(TEACHER)]
+    return [n for n, p in named if _ndim(p) >= 2] + [n for n, p in named if _ndim(p) < 2]
+
+
+def from_local(engine_state: dict, module: nn.Module) -> dict:
+    """LocalEngine's {"module", "optimizer"} -> consolidated (``module`` gives the optimizer's name order)."""
+    weights = {k: v.float() for k, v in engine_state["module"].items() if not k.startswith(TEACHER)}
+    teacher = {k[len(TEACHER):]: v.float() for k, v in engine_state["module"].items() if k.startswith(TEACHER)}
+    opt = engine_state["optimizer"]["state"]
+    order = optimizer_order(module)
+    moments, step = {}, 0
+    for i, name in enumerate(order):
+        s = opt.get(i, {})
+        moments[name] = {k: s[k].float() if k in s else torch.zeros_like(weights[name]) for k in ("exp_avg", "exp_avg_sq")}
+        step = max(step, int(s.get("step", 0)))
+    return {"format": CONSOLIDATED, "module": weights, "moments": moments, "optimizer_step": step,
+            "teacher": teacher or None, "layout": {"world": 1, "tp": 1}}
+
+
+def to_local(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a consolidated state into a single-process module and its torch AdamW."""
+    weights = dict(state["module"])
+    if state.get("teacher"):
+        weights.update({TEACHER + k: v for k, v in state["teacher"].items()})
+    module.load_state_dict(weights, strict=True)
+    order = optimizer_order(module)
+    device = next(module.parameters()).device
+    fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    step = torch.tensor(float(state["optimizer_step"]), dtype=torch.float32, device=device if fused else "cpu")
+    # Copies: torch's load_state_dict keeps tensors that already match, sharing them with ``state``.
+    opt_state = {i: {"step": step.clone(), **{k: state["moments"][n][k].to(device, copy=True) for k in ("exp_avg", "exp_avg_sq")}}
+                 for i, n in enumerate(order)}
+    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def load_latest_local(engine, ckpts) -> Optional[tuple[int, dict]]:
+    """LocalEngine's resume: the newest whole checkpoint, single-process or distributed (any layout)."""
+    for step in reversed(ckpts.steps()):
+        problem = ckpts.verify(step)
+        if problem:
+            log.warning("skipping damaged checkpoint: %s; falling back to an earlier one", problem)
+            continue
+        d = ckpts.path(step)
+        meta = json.loads((d / "meta.json").read_text())
+        if meta.get("format") == DISTRIBUTED:
+            log.info("checkpoint layout %s: loading its consolidated state into one process", meta["layout"])
+            state = torch.load(d / "consolidated.pt", map_location="cpu", mmap=True, weights_only=True)
+            to_local(state, engine.module, engine.optimizer)
+            return step, torch.load(d / "trainer" / "rank_00000.pt", map_location="cpu", weights_only=False)
+        engine.load_state_dict(torch.load(d / "engine.pt", map_location="cpu", weights_only=False))
+        return step, torch.load(d / "trainer.pt", map_location="cpu", weights_only=False)
+    return None

@@ -1,0 +1,75 @@
+"""The DeepSpeed JSON, generated from the recipe; ``parallel.deepspeed_config`` may override any key.
+
+Batch sizes count images (sequences per view) per optimizer step: global =
+micro x accumulation steps x data-parallel size.  Precision: bf16 on GPU (fp32
+master weights inside ZeRO), fp32 on CPU, as ``train.precision`` resolves.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from star_scale.config import Config, ConfigError
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def batch_sizes(cfg: Config, dp: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps)."""
+    per_rank = cfg.data.global_batch // dp
+    micro = cfg.data.micro_batch or per_rank
+    return micro, per_rank // micro
+
+
+def student_config(cfg: Config, dp: int, dtype: torch.dtype, device: torch.device) -> dict:
+    micro, accumulation = batch_sizes(cfg, dp)
+    generated = {
+        "train_batch_size": cfg.data.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            # Overlapping communication needs CUDA streams; on CPU it only adds copies.
+            "overlap_comm": device.type == "cuda",
+            "contiguous_gradients": True,
+        },
+        # The client optimizer is torch AdamW (DeepSpeed's own Adams JIT-build C++/CUDA ops).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # the trainer logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallel.deepspeed_config:
+        path = Path(cfg.parallel.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"parallel.deepspeed_config={str(path)!r}: file not found")
+        try:
+            user = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"parallel.deepspeed_config={str(path)!r}: invalid JSON: {e}") from None
+        generated = deep_merge(generated, user)
+    return generated
+
+
+def teacher_config(student: dict) -> dict:
+    """The teacher's engine: the student's partitioning, no optimizer, nothing kept whole.
+
+    ``stage3_param_persistence_threshold: 0``: by default small parameters stay
+    whole on every rank; their partitions are then never re-read and the EMA,
+    applied to partitions, would not reach them (measured: 1.2e-2 off).
+    """
+    out = {k: v for k, v in student.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+    out["zero_optimization"] = dict(student["zero_optimization"], stage3_param_persistence_threshold=0)
+    return out

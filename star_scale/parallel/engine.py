@@ -1,0 +1,137 @@
+"""DeepSpeedEngine: LocalEngine's interface (device, dp_rank, dp_size, is_main, train_step,
+save/load_checkpoint, state_dict) on DeepSpeed ZeRO with megatron-core tensor parallelism.
+
+Construction, in order:
+1. process groups (``layout``): world = tp x dp;
+2. every GPT in the training module (student, teacher copy) becomes its
+   tensor-parallel version holding this rank's shards of the seeded full model,
+   so every layout starts from the same weights;
+3. the EMA teacher is taken out of the module (the student's engine must not
+   partition or optimise it) and the contrastive negatives are gathered over
+   the data-parallel group only (tensor-parallel ranks hold the same images);
+4. the student's engine: torch AdamW as the client optimizer, the generated
+   DeepSpeed config, the megatron mpu;
+5. the teacher's engine (``sharded_teacher``), partitioned like the student.
+
+Randomness: tensor-parallel ranks of one replica must draw the same dropout
+and masks, data-parallel replicas should not; data-parallel rank 0 keeps the
+trainer's stream (so dp = 1 matches a single process), others reseed.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from star_scale.checkpoint import CheckpointDir
+from star_scale.config import Config
+from star_scale.engine import make_optimizer, resolve_device, resolve_dtype
+from star_scale.models.gpt import GPT
+from star_scale.parallel import checkpoint as dist_ckpt
+from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
+from star_scale.parallel.layout import init_layout
+from star_scale.parallel.mpu import MegatronMPU
+from star_scale.parallel.sharded_teacher import ReplicatedTeacher, ShardedTeacher, install_teacher, take_teacher
+from star_scale.parallel.tensor_parallel import LayerFactory, tensor_parallelize
+from star_scale.objectives.draws import set_step_draws
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedEngine:
+    def __init__(self, module: nn.Module, cfg: Config):
+        self.cfg = cfg
+        device = resolve_device(cfg.train.device)
+        self.layout = L = init_layout(cfg.parallel.tp, device.type, cfg.train.seed)
+        cfg.validate(L.world)
+        self.device, self.dtype = L.device, resolve_dtype(cfg.train.precision, L.device)
+        self.dp_rank, self.dp_size, self.is_main = L.dp_rank, L.dp, L.is_main
+        if not L.is_main:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+        module = tensor_parallelize(module, LayerFactory(L.tp, self.device), L.tp_rank)
+        for m in module.modules():
+            if isinstance(m, GPT):
+                m.activation_checkpointing = cfg.parallel.activation_checkpointing
+        ema = take_teacher(module)
+        if hasattr(module, "negatives_group"):
+            module.negatives_group = L.dp_group
+
+        self.micro_batch, self.accumulation = batch_sizes(cfg, L.dp)
+        self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
+        optimizer = make_optimizer(module, cfg, self.device)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
+                                                             mpu=MegatronMPU(), dist_init_required=False)
+        self.module = module
+        self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.teacher = None
+        if ema is not None:
+            if self.zero_stage == 3:
+                self.teacher = ShardedTeacher(ema, module.student, teacher_config(self.ds_config), MegatronMPU(),
+                                              self.dtype, L.tp_group)
+            else:
+                self.teacher = ReplicatedTeacher(ema, self.device, self.dtype, L.tp_group)
+            install_teacher(module, self.teacher)
+        if L.dp_rank:
+            torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, L.dp_rank]).generate_state(1)[0]))
+        if L.is_main:
+            log.info("DeepSpeed ZeRO-%d, %s, micro batch %d x %d accumulation x dp %d, teacher: %s",
+                     self.zero_stage, str(self.dtype).replace("torch.", ""), self.micro_batch, self.accumulation,
+                     L.dp, type(self.teacher).__name__ if self.teacher else "none")
+
+    # ---- one optimizer step ------------------------------------------------------
+    def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+        self.ds.train()
+        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        n = tokens.shape[0]
+        if n != self.micro_batch * self.accumulation:
+            raise ValueError(f"batch of {n} on this rank, expected {self.micro_batch} x {self.accumulation}")
+        totals: dict = {}
+        for start in range(0, n, self.micro_batch):
+            sl = slice(start, start + self.micro_batch)
+            set_step_draws(self.module, self.cfg.train.seed, self.step, self.dp_rank * n + start, n * self.dp_size)
+            loss, metrics = self.ds(tokens[sl], labels[sl])
+            self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+            self.ds.step()  # steps the optimizer only at the accumulation boundary
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.accumulation
+        self.module.after_optimizer_step()  # the EMA teacher, shard by shard
+        self.step += 1
+        out = self._data_parallel_mean(totals)
+        norm = self.ds.get_global_grad_norm()
+        if norm is not None:  # DeepSpeed does not compute it at ZeRO stage 0
+            out["grad_norm"] = float(norm)
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _data_parallel_mean(self, values: dict) -> dict:
+        """Every rank reports the global batch's metrics (tensor-parallel ranks already agree)."""
+        if self.dp_size == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.layout.dp_group)
+        return {k: float(v) / self.dp_size for k, v in zip(keys, t.tolist())}
+
+    # ---- checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, ckpts: CheckpointDir, step: int, trainer_state: dict) -> None:
+        dist_ckpt.save(self, ckpts, step, trainer_state)
+
+    def load_checkpoint(self, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
+        latest = dist_ckpt.load_latest(self, ckpts)
+        if latest is not None:
+            self.step = latest[0]
+        return latest
+
+    def state_dict(self) -> dict:
+        """Consolidated TP = 1 fp32 state (collective; complete on every rank)."""
+        return dist_ckpt.consolidate(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        dist_ckpt.load_consolidated(self, state)

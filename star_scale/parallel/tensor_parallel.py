@@ -1,0 +1,191 @@
+"""Megatron-core tensor parallelism for star-scale's own GPT.
+
+The GPT asks a factory for its layers (``linear(in, out, kind=...)``,
+``embedding(num, dim)``); ``LayerFactory`` answers with plain torch layers at
+TP = 1 and megatron-core's parallel layers at TP > 1:
+
+- ``column`` (w1, w3), ``qkv`` (wqkv), ``head`` (output): ColumnParallelLinear,
+  output dimension sharded, output left sharded (no gather_output: the next
+  layer is row-parallel, and the head's logits stay vocab-sharded for
+  vocab_parallel_cross_entropy).
+- ``row`` (wo, w2): RowParallelLinear, input dimension sharded, output all-reduced.
+- embeddings: VocabParallelEmbedding when the table divides by TP, else a
+  replicated nn.Embedding (the class table has num_classes + 1 rows).
+
+wqkv's rows are [q | k | v], each head-major.  A plain column split would give
+rank 0 all of q; instead wqkv is split with stride 3 (megatron's convention):
+rank r holds [q_r | k_r | v_r], its own heads' q, k and v, so the GPT's
+``unflatten(3, heads, head_dim)`` works unchanged on the local rows.
+
+Weights are never initialised here (perform_initialization=False): the engine
+builds the full TP = 1 model from the seed and copies each rank's shard
+(``shard``), so a run starts from the same weights whatever the layout.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from star_scale.models.gpt import GPT, plain_linear
+
+log = logging.getLogger(__name__)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    pass  # weights are copied from the full model (see module docstring)
+
+
+def megatron_config(tp: int, device: torch.device) -> ModelParallelConfig:
+    cpu = device.type != "cuda"
+    # Measured on CPU: CPU initialisation, no gradient-accumulation fusion (needs apex CUDA
+    # kernels, and DeepSpeed owns the gradients anyway), no sequence parallelism.
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=cpu,
+                               perform_initialization=False, gradient_accumulation_fusion=False,
+                               sequence_parallel=False, params_dtype=torch.float32)
+
+
+def _mark(weight: torch.Tensor, dim: int, stride: int) -> None:
+    # Megatron sets these only when it initialises; DeepSpeed reads `tensor_model_parallel`
+    # to count each shard once in the global gradient norm.
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(weight, attr):
+            delattr(weight, attr)
+    set_tensor_model_parallel_attributes(weight, True, dim, stride)
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """y_local = x W_local^T; the weight keeps nn.Linear's name and layout, only its rows are local."""
+
+    def __init__(self, in_features: int, out_features: int, config, stride: int = 1, vocab: bool = False):
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+                         gather_output=False, stride=stride)
+        _mark(self.weight, 0, stride)
+        self.vocab_parallel = vocab
+
+    def forward(self, x):  # megatron returns (output, bias)
+        return super().forward(x)[0]
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over vocab-sharded logits (the head's own loss)."""
+        # vocab_parallel_cross_entropy rewrites its input in place: the logits are spent after this.
+        return vocab_parallel_cross_entropy(logits.float(), targets).mean()
+
+
+class RowLinear(RowParallelLinear):
+    def __init__(self, in_features: int, out_features: int, config):
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+                         input_is_parallel=True, skip_bias_add=False)
+        _mark(self.weight, 1, 1)
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class VocabEmbedding(VocabParallelEmbedding):
+    def __init__(self, num: int, dim: int, config):
+        super().__init__(num, dim, init_method=_no_init, config=config)
+        _mark(self.weight, 0, 1)
+
+
+class LayerFactory:
+    """``GPT(args, linear=f.linear, embedding=f.embedding)``: plain layers at TP = 1."""
+
+    def __init__(self, tp: int = 1, device: torch.device = torch.device("cpu")):
+        self.tp = tp
+        self.config = megatron_config(tp, device) if tp > 1 else None
+
+    def linear(self, in_features: int, out_features: int, kind: str = "") -> nn.Module:
+        if self.tp == 1:
+            return plain_linear(in_features, out_features, kind)
+        if kind == "row":
+            return RowLinear(in_features, out_features, self.config)
+        if kind in ("column", "qkv", "head"):
+            if out_features % self.tp:
+                raise ValueError(f"{kind} layer with {out_features} outputs does not split over tp={self.tp}")
+            return ColumnLinear(in_features, out_features, self.config, stride=3 if kind == "qkv" else 1,
+                                vocab=kind == "head")
+        raise ValueError(f"unknown linear kind {kind!r}: expected column, qkv, row or head")
+
+    def embedding(self, num: int, dim: int) -> nn.Module:
+        if self.tp > 1 and num % self.tp == 0:
+            return VocabEmbedding(num, dim, self.config)
+        if self.tp > 1:
+            log.info("embedding table of %d rows does not split over tp=%d: replicated", num, self.tp)
+        return nn.Embedding(num, dim)
+
+
+# ---- full <-> shard ------------------------------------------------------------
+def partition_of(param: torch.Tensor) -> tuple[int | None, int]:
+    """(sharded dimension or None if replicated, stride) of a model parameter."""
+    if getattr(param, "tensor_model_parallel", False):
+        return param.partition_dim, getattr(param, "partition_stride", 1)
+    return None, 1
+
+
+def shard(full: torch.Tensor, dim: int | None, stride: int, rank: int, tp: int) -> torch.Tensor:
+    """This rank's piece of a full tensor: chunks rank, rank + tp, ... of tp * stride equal chunks."""
+    if dim is None or tp == 1:
+        return full
+    chunks = full.chunk(tp * stride, dim)
+    return torch.cat(chunks[rank::tp], dim)
+
+
+def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
+    """Inverse of ``shard`` over all ranks' pieces (in TP-rank order)."""
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    pieces = [s.chunk(stride, dim) for s in shards]
+    return torch.cat([pieces[r][k] for k in range(stride) for r in range(len(shards))], dim)
+
+
+def gather_full(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor:
+    """All-gather a TP-local tensor (a weight, or optimizer state shaped like it) into the full one."""
+    dim, stride = partition_of(param)
+    world = dist.get_world_size(group) if group is not None else 1
+    if dim is None or world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return unshard(parts, dim, stride)
+
+
+def to_tensor_parallel(gpt: GPT, factory: LayerFactory, rank: int) -> GPT:
+    """A TP GPT holding this rank's shards of ``gpt``'s weights (same names, same flags)."""
+    with torch.random.fork_rng(devices=[]):  # GPT.__init__ initialises replicated layers: keep the stream
+        tp_gpt = GPT(gpt.args, linear=factory.linear, embedding=factory.embedding)
+    full = dict(gpt.named_parameters())
+    with torch.no_grad():
+        for name, p in tp_gpt.named_parameters():
+            dim, stride = partition_of(p)
+            src = full[name].detach()
+            p.copy_(shard(src, dim, stride, rank, factory.tp))
+            p.requires_grad_(full[name].requires_grad)
+    for key, value in vars(gpt).items():  # plain attributes, e.g. an activation-checkpointing switch
+        if not key.startswith("_") and key not in vars(tp_gpt):
+            setattr(tp_gpt, key, value)
+    tp_gpt.activation_checkpointing = getattr(gpt, "activation_checkpointing", False)
+    return tp_gpt.train(gpt.training)
+
+
+def tensor_parallelize(module: nn.Module, factory: LayerFactory, rank: int) -> nn.Module:
+    """Replace every GPT inside ``module`` (student, teacher copy) by its tensor-parallel version."""
+    if factory.tp == 1:
+        return module
+    if isinstance(module, GPT):
+        return to_tensor_parallel(module, factory, rank)
+    targets = [(parent, name, child) for parent in module.modules()
+               for name, child in parent.named_children() if isinstance(child, GPT)]
+    for parent, name, child in targets:
+        setattr(parent, name, to_tensor_parallel(child, factory, rank))
+        # The caller may still hold the full model (the trainer keeps it for FLOP counts):
+        # release its weights, a full replica per rank is what TP exists to avoid.
+        for p in child.parameters():
+            p.data = torch.empty(0, dtype=p.dtype)
+    return module

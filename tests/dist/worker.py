@@ -1,0 +1,125 @@
+"""One torchrun launch computing several results, written as JSON for the pytest side to compare.
+
+    python -m torch.distributed.run --nproc_per_node N tests/dist/worker.py SCENARIO OUT_DIR
+
+Scenarios:
+  dp2      2 ranks, ZeRO-3: ar and star losses on fixed global batches; the gathered
+           teacher against an EMA of the gathered student history; ar with activation
+           checkpointing; star at ZeRO-2 (whole teacher replica).
+  tp2dp2   4 ranks, TP = 2 x DP = 2: TP logits/gradients against the dense model;
+           ar and star runs as above; a checkpoint of the star run at step 10.
+  resume1  1 rank: the tp2dp2 checkpoint (other world, other TP) continued to step 20.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from star_scale.checkpoint import CheckpointDir  # noqa: E402
+from star_scale.parallel import checkpoint as dist_ckpt  # noqa: E402
+from star_scale.parallel.engine import DeepSpeedEngine  # noqa: E402
+from star_scale.parallel.layout import init_layout, shutdown  # noqa: E402
+from star_scale.teacher import ema_update_  # noqa: E402
+
+
+def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None = None) -> dict:
+    cfg = common.config(objective, f"parallel.tp={tp}", *extra, world=world)
+    module = common.build(cfg)
+    reference_teacher = None
+    engine = DeepSpeedEngine(module, cfg)
+    if engine.teacher is not None:
+        reference_teacher = engine.teacher.full_state()  # = the initial student
+    losses, norms, history = [], [], []
+    for step, batch in enumerate(common.batches(common.STEPS, module.views), start=1):
+        metrics = engine.train_step(*common.rank_slice(batch, engine.dp_rank, engine.dp_size))
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
+        history.append(metrics)
+        if reference_teacher is not None:  # EMA of the gathered student history, in plain torch
+            student = {k[len("student."):]: v for k, v in dist_ckpt.consolidate_student(engine).items()}
+            names = sorted(reference_teacher)
+            ema_update_([reference_teacher[n] for n in names], [student[n] for n in names], cfg.objective.ema_decay)
+        if ckpt_dir is not None and step == 10:
+            dist_ckpt.save(engine, CheckpointDir(ckpt_dir), step, {"step": step})
+    out = {"losses": losses, "grad_norms": norms, "metrics": history}
+    if reference_teacher is not None:
+        gathered = engine.teacher.full_state()
+        out["teacher_max_diff"] = max((gathered[n] - reference_teacher[n]).abs().max().item() for n in gathered)
+        out["teacher_moved"] = max((gathered[n] - student_init).abs().max().item()
+                                   for n, student_init in engine_initial_student(cfg).items())
+    return out
+
+
+def engine_initial_student(cfg) -> dict:
+    """The seeded initial student (TP = 1 names), to show the teacher actually moved."""
+    return dict(common.build(cfg).student.named_parameters())
+
+
+def tp_check() -> dict:
+    """TP = 2 GPT vs the dense GPT on the same weights: logits, loss and gradients."""
+    from star_scale.parallel.tensor_parallel import LayerFactory, gather_full, to_tensor_parallel
+
+    L = init_layout(2)
+    cfg = common.config("ar", "parallel.tp=2", world=dist.get_world_size())
+    dense = common.build(cfg).student
+    torch.nn.init.normal_(dense.output.weight, std=0.02)  # the zero-initialised head would hide logit errors
+    tp_model = to_tensor_parallel(dense, LayerFactory(2), L.tp_rank)
+    tokens, labels = common.batches(1, 1)[0]
+    seq = tokens[:, 0]
+    ref = dense(seq[:, :-1], labels)
+    ref_loss = dense.next_token_loss(ref.logits, seq)
+    ref_loss.backward()
+    out = tp_model(seq[:, :-1], labels)
+    parts = [torch.empty_like(out.logits) for _ in range(2)]
+    dist.all_gather(parts, out.logits.detach().contiguous(), group=L.tp_group)
+    logits = torch.cat(parts, dim=-1)  # vocab-sharded along the last dimension
+    logits_diff = (logits - ref.logits.detach()).abs().max().item()
+    loss = tp_model.next_token_loss(out.logits, seq)
+    loss.backward()
+    grads = {n: gather_full(p.grad, p, L.tp_group) for n, p in tp_model.named_parameters()}
+    dense_grads = dict(dense.named_parameters())
+    grad_diff = max((g - dense_grads[n].grad).abs().max().item() for n, g in grads.items())
+    grad_scale = max(p.grad.abs().max().item() for p in dense.parameters())
+    return {"logits_max_diff": logits_diff, "logits_scale": ref.logits.abs().max().item(),
+            "loss": loss.item(), "ref_loss": ref_loss.item(), "grad_max_diff": grad_diff, "grad_scale": grad_scale}
+
+
+def resume1(ckpt_dir: Path) -> dict:
+    cfg = common.config("star", "parallel.tp=1", world=1)
+    module = common.build(cfg)
+    engine = DeepSpeedEngine(module, cfg)
+    step, _ = engine.load_checkpoint(CheckpointDir(ckpt_dir))
+    losses = [engine.train_step(*b)["loss"] for b in common.batches(common.STEPS, module.views)[step:]]
+    return {"resumed_at": step, "losses": losses}
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    results = {}
+    if scenario == "dp2":
+        results["ar"] = run("ar", 2, 1)
+        results["star"] = run("star", 2, 1)
+        results["ar_recompute"] = run("ar", 2, 1, "parallel.activation_checkpointing=true")
+        results["star_zero2"] = run("star", 2, 1, "parallel.zero_stage=2")
+    elif scenario == "tp2dp2":
+        results["tp_check"] = tp_check()
+        results["ar"] = run("ar", 4, 2)
+        results["star"] = run("star", 4, 2, ckpt_dir=out_dir / "ckpt")
+    elif scenario == "resume1":
+        results["star"] = resume1(out_dir / "ckpt")
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    rank = dist.get_rank()
+    (out_dir / f"{scenario}.rank{rank}.json").write_text(json.dumps(results))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
