@@ -15,7 +15,7 @@ def token_npz(tmp_path):
     codes = rng.integers(0, 64, (128, 10, 16)).astype(np.uint16)
     labels = rng.integers(0, 4, 128).astype(np.int32)
     path = tmp_path / "tokens.npz"
-    save_npz_store(path, codes, labels, codebook_size=64, num_classes=4)
+    save_npz_store(path, codes, labels, codebook_size=64, num_classes=4, chunk_size=16)  # 8 chunks: 2 ranks
     return path
 
 

@@ -81,7 +81,7 @@ def open_store(path: str | os.PathLike, **kwargs):
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as f:
             attrs = {k[5:]: f[k].tolist() for k in f.files if k.startswith("attr_")}
-            return ArrayStore(f["codes"], f["labels"], attrs=attrs)
+            return ArrayStore(f["codes"], f["labels"], chunk_size=int(attrs.get("chunk_size", 256)), attrs=attrs)
     from star_scale.data.zarr_store import ZarrStore  # the offline pipeline's format
 
     return ZarrStore(path, **kwargs)

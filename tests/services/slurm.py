@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +16,13 @@ class LocalSlurm:
         out = subprocess.run([str(ROOT / "cluster/local/start.sh"), self.dir], capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"local Slurm did not start: {out.stderr}")
-        self.env = {**os.environ, "SLURM_CONF": f"{self.dir}/slurm.conf"}
+        venv_bin = Path(sys.executable).parent
+        # Jobs inherit this environment (sbatch --export=ALL): the venv first on PATH and its
+        # DeepSpeed extension cache, so 2-rank jobs reuse the JIT-built comm op.
+        self.env = {**os.environ, "SLURM_CONF": f"{self.dir}/slurm.conf",
+                    "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"),
+                    "DEEPSPEED_TIMEOUT": "2", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning"}
 
     def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
         out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, **kw)
