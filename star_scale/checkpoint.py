@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from star_scale.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 PREFIX = "step_"
 
@@ -28,14 +30,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointDir:
@@ -70,11 +64,11 @@ class CheckpointDir:
                 os.fsync(fh.fileno())
             meta["files"][name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. on preemption right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._prune()
         return final
 

@@ -357,8 +357,6 @@ def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str]
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (it sits next to every run's outputs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    from star_scale import atomic
+
+    atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

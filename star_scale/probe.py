@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from typing import Optional
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from star_scale import atomic
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +280,7 @@ def main(argv=None) -> int:
     text = json.dumps(result)
     print(text)
     if args.out:
-        tmp = f"{args.out}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        atomic.write_text(args.out, text + "\n")
     return 0
 
 

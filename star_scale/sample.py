@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from star_scale import atomic
 from star_scale.evaluate.adm_npz import write_npz_streaming
 from star_scale.models.generate import generate
 from star_scale.models.gpt import GPT
@@ -96,12 +97,6 @@ def batch_file(work: Path, i: int) -> Path:
     return work / f"batch_{i:06d}.npz"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def check_meta(work: Path, meta: dict) -> None:
     """Write meta.json, or refuse a work folder that holds a run with other settings."""
     work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +110,7 @@ def check_meta(work: Path, meta: dict) -> None:
             raise ValueError(f"{work} holds samples made with other settings ({lines}); "
                              "use another --out/--work-dir or delete that folder")
         return
-    _atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True))
+    atomic.write_text(path, json.dumps(meta, indent=1, sort_keys=True))
 
 
 def model_fingerprint(model: GPT) -> str:
@@ -245,7 +240,7 @@ def sample_to_npz(model: GPT, decode: Decoder, out: str | os.PathLike, settings:
             return None
         wait_for_batches(work, settings.num_batches, wait_timeout)
         assemble(work, out, settings)
-        _atomic_write_text(work / "assembled", out.name + "\n")
+        atomic.write_text(work / "assembled", out.name + "\n")
         for stale in work.glob(".batch_*.tmp"):  # left by killed jobs mid-write
             stale.unlink(missing_ok=True)
         if not keep_parts:

@@ -44,6 +44,7 @@ from typing import Any, Optional
 
 import yaml
 
+from star_scale import atomic
 from star_scale.config import Config, ConfigError, load_config, parse_overrides
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "cluster" / "templates" / "sweep.sbatch"
@@ -119,10 +120,7 @@ def _flatten(tree: Any, where: str, prefix: str = "") -> list[str]:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _keys(overrides: list[str]) -> list[str]:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from star_scale.config import load_config
 from star_scale.data.store import save_npz_store
@@ -28,3 +29,12 @@ def tiny_cfg(tmp_path, token_npz):
             "train.ckpt_every=3", f"train.out_dir={tmp_path / out}", "optimizer.lr=1e-3",
             "optimizer.lr_batch=null", "tracking.enabled=false", *overrides])
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: on a loaded 2-core machine, 2 threads can be many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -37,6 +37,7 @@ import numpy as np
 from star_scale.data import schema
 from tokenize_data.images import SkipImage, load_rgb, min_side_for, ten_crops
 from tokenize_data.sources import SourceList, load_sources
+from star_scale import atomic
 
 CROPS = 10
 CROP_RECIPE = ("ADM center_crop_arr to int(image_size*crop_range), then torchvision TenCrop(image_size): "
@@ -53,34 +54,6 @@ class JobError(RuntimeError):
 
 
 # ---- small file helpers ------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _marker(out: Path, unit: int) -> Path:
     return out / schema.JOB_DIR / "done" / f"unit-{unit:06d}.json"
 
@@ -254,13 +227,13 @@ def prepare(source, out: Path, *, tokenizer, image_size: int | None, crop_range:
                     f.write(f"{sources.paths[i]}\t{sources.labels[i]}\n")
             if keep_copy:
                 tok.save(tmp / schema.TOKENIZER_FILE)
-            _atomic_write(tmp / schema.JOB_DIR / "plan.json",
+            atomic.write_text(tmp / schema.JOB_DIR / "plan.json",
                           json.dumps({"ignored": sources.ignored, "created_by": f"{socket.gethostname()}:{os.getpid()}"}, indent=1))
             (tmp / schema.JOB_DIR / "done").mkdir(parents=True, exist_ok=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(tmp, out)
-                _fsync_dir(out.parent)
+                atomic.fsync_dir(out.parent)
                 log(f"created {out}: {n} images, {len(sources.ignored)} ignored files, {attrs['num_units']} units of "
                     f"{shard_size} rows (chunks of {chunk_size}), tokenizer {tok.name}")
             except OSError:
@@ -400,14 +373,14 @@ class _Worker:
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-                    _fsync_dir(f.parent)
+                    atomic.fsync_dir(f.parent)
             if self.pause_mark:
                 time.sleep(self.pause_mark)
             info = {"unit": unit, "rows": [rows.start, rows.stop], "written": int((labels >= 0).sum()),
                     "skipped": skipped, "converted": converted,
                     "codes_sha256": _sha(codes), "labels_sha256": _sha(labels),
                     "tokenizer": attrs["tokenizer"]["weights_hash"]}
-            _atomic_write(_marker(plan.out, unit), json.dumps(info, indent=1))
+            atomic.write_text(_marker(plan.out, unit), json.dumps(info, indent=1))
             return {"unit": unit, "status": "written", "images": n, "seconds": time.time() - t0,
                     "skipped": len(skipped)}
 
@@ -596,8 +569,8 @@ def write_report(out: Path) -> dict:
     lines += [f"SKIPPED\t{d['path']}\t{d['reason']}" for d in skipped]
     lines += [f"IGNORED\t{d['path']}\t{d['reason']}" for d in ignored]
     lines += [f"CONVERTED\t{d['path']}\t{'; '.join(d['notes'])}" for d in converted]
-    _atomic_write(out / schema.REPORT_JSON, json.dumps(rep, indent=1) + "\n")
-    _atomic_write(out / schema.REPORT_TXT, "\n".join(lines) + "\n")
+    atomic.write_text(out / schema.REPORT_JSON, json.dumps(rep, indent=1) + "\n")
+    atomic.write_text(out / schema.REPORT_TXT, "\n".join(lines) + "\n")
     return rep
 
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from star_scale import atomic
 
 
 class ArrayStore:
@@ -66,10 +67,8 @@ class ArrayStore:
 
 
 def save_npz_store(path: str | os.PathLike, codes: np.ndarray, labels: np.ndarray, **attrs) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, codes=codes, labels=labels, **{f"attr_{k}": np.asarray(v) for k, v in attrs.items()})
-    os.replace(tmp, path)
+    with atomic.replacing(path) as f:
+        np.savez(f, codes=codes, labels=labels, **{f"attr_{k}": np.asarray(v) for k, v in attrs.items()})
 
 
 def open_store(path: str | os.PathLike, **kwargs):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
+from star_scale import atomic
 
 DESCRIPTION = """\
 Evaluate generated images the way OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py)
@@ -66,10 +66,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        tmp = f"{args.out}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        atomic.write_text(args.out, text + "\n")
     return 0
 
 

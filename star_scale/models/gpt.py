@@ -13,7 +13,6 @@ swap ``nn.Linear``/``nn.Embedding`` for tensor-parallel versions.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 

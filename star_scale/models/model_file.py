@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from typing import Mapping
 
 import torch
 
+from star_scale import atomic
 from star_scale.models.gpt import GPT, GPTArgs
 
 FORMAT = "star-scale-model-v1"
@@ -55,19 +54,8 @@ def load_strict(model: GPT, state_dict: Mapping[str, torch.Tensor], source: str 
 
 
 def save_model_file(model: GPT, path: str) -> None:
-    """Write atomically: a temp file in the target directory, then os.replace."""
-    payload = {"format": FORMAT, "args": dataclasses.asdict(model.args), "model": model_state_dict(model)}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write atomically (a crash leaves the old file or the new one)."""
+    atomic.torch_save({"format": FORMAT, "args": dataclasses.asdict(model.args), "model": model_state_dict(model)}, path)
 
 
 def load_model_file(path: str) -> GPT:

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from star_scale.atomic import fsync_dir
 from star_scale.checkpoint import CheckpointDir
 from star_scale.parallel.consolidated import CONSOLIDATED, DISTRIBUTED, from_local
 from star_scale.parallel.tensor_parallel import gather_full, partition_of, shard
@@ -62,14 +63,6 @@ def _digest(path: Path) -> dict:
             h.update(block)
         os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _broadcast(obj):
@@ -165,11 +158,11 @@ def save(engine, ckpts: CheckpointDir, step: int, trainer_state: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         for d in {(tmp / n).parent for n in names} | {tmp}:
-            _fsync_dir(d)
+            fsync_dir(d)
         if final.exists():  # re-saving a step (a stop signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpts.root)
+        fsync_dir(ckpts.root)
         for old in ckpts.steps()[: -ckpts.keep] if ckpts.keep > 0 else []:
             shutil.rmtree(ckpts.path(old), ignore_errors=True)
     dist.barrier()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,19 +88,6 @@ def tensors_hash(tensors: dict, extra: dict | None = None) -> str:
     if extra:
         h.update(json.dumps(extra, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def reconstruction_grid(tokenizer: Tokenizer, images, cols: int = 8, pad: int = 2) -> np.ndarray:

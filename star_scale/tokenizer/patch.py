@@ -14,7 +14,8 @@ import os
 import numpy as np
 import torch
 
-from star_scale.tokenizer.base import FORMAT_KEY, Tokenizer, TokenizerError, atomic_torch_save, tensors_hash
+from star_scale import atomic
+from star_scale.tokenizer.base import FORMAT_KEY, Tokenizer, TokenizerError, tensors_hash
 
 
 class PatchTokenizer(Tokenizer):
@@ -61,7 +62,7 @@ class PatchTokenizer(Tokenizer):
 
     # ---- persistence -------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        atomic_torch_save({FORMAT_KEY: {"kind": self.kind, "image_size": self.image_size, "patch": self.patch,
+        atomic.torch_save({FORMAT_KEY: {"kind": self.kind, "image_size": self.image_size, "patch": self.patch,
                                         "weights_hash": self.weights_hash},
                            "codebook": self.codebook}, path)
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from star_scale.tokenizer.base import FORMAT_KEY, Tokenizer, TokenizerError, atomic_torch_save, tensors_hash
+from star_scale import atomic
+from star_scale.tokenizer.base import FORMAT_KEY, Tokenizer, TokenizerError, tensors_hash
 
 OPTIONAL_KEYS = ("quantize.codebook_used",)  # usage statistics: present when trained with show_usage
 
@@ -342,7 +343,7 @@ class VQTokenizer(Tokenizer):
     def save(self, path: str | os.PathLike) -> None:
         """LlamaGen-compatible file ({'model': state_dict}) plus star-scale metadata."""
         sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        atomic_torch_save({"model": sd, FORMAT_KEY: {"kind": self.kind, "image_size": self.image_size, "name": self.name,
+        atomic.torch_save({"model": sd, FORMAT_KEY: {"kind": self.kind, "image_size": self.image_size, "name": self.name,
                                                      "config": asdict(self.model.config), "weights_hash": self.weights_hash}},
                           path)
 

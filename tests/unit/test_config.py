@@ -59,10 +59,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert isinstance(again, Config)
 
 
-def test_every_recipe_loads():
+def test_every_recipe_and_sweep_file_loads():
     from pathlib import Path
 
-    recipes = sorted(Path(__file__).parents[2].joinpath("recipes").rglob("*.yaml"))
-    assert recipes, "no recipes found"
+    from star_scale.sweep import load_sweep
+
+    root = Path(__file__).parents[2] / "recipes"
+    sweeps = sorted((root / "sweeps").glob("*.yaml"))
+    recipes = sorted(set(root.rglob("*.yaml")) - set(sweeps))
+    assert len(recipes) >= 12 and sweeps
     for r in recipes:
         load_config(r)
+    for s in sweeps:
+        assert load_sweep(s).runs

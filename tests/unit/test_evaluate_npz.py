@@ -12,12 +12,7 @@ from star_scale.evaluate.features import save_feature_file
 from star_scale.evaluate.inception import InceptionV3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_streamed_npz_loads_as_the_adm_evaluator_expects(tmp_path):

@@ -11,12 +11,7 @@ from star_scale.models.model_file import save_model_file
 from star_scale.probe import (LARS, extract_features, linear_probe, main, probe_accuracy, probe_positions)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

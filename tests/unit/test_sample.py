@@ -13,12 +13,7 @@ from star_scale.sample import (SampleSettings, batch_file, batches_of_rank, make
 from star_scale.tokenizer import PatchTokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
