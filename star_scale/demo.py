@@ -3,8 +3,10 @@
 generated shape images -> offline tokenization into a Zarr store (fits the
 small k-means patch tokenizer) -> ST-AR training of the `tiny` preset ->
 class-conditional samples decoded to a PNG grid, originals beside their
-reconstructions, and a summary.json.  Every step is resumable: re-running
-skips what is done.
+reconstructions, a linear-probe accuracy of the middle layer, the metrics
+computable without Inception weights (FID, precision and recall on
+downsampled pixels), and a summary.json.  Every step is resumable:
+re-running skips what is done.
 """
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from star_scale import atomic
 from star_scale.config import load_config
 from star_scale.data.store import open_store
 from star_scale.demo_data import SHAPES, make_demo_images
 from star_scale.models.build import build_model
+from star_scale.evaluate.metrics import fid_from_features, precision_recall
 from star_scale.models.generate import generate
+from star_scale.probe import probe_accuracy, read_tokens
+from star_scale.sample import save_grid
 from star_scale.tokenizer import load_tokenizer, psnr, reconstruction_grid
 from star_scale.trainer import train
 
@@ -57,25 +63,26 @@ def student_from_checkpoint(cfg, run_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def save_png(array: np.ndarray, path: Path, scale: int = 3) -> None:
-    img = Image.fromarray(array)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def sample_grid(model, tokenizer, per_class: int, seed: int = 0, cfg_scale: float = 2.0) -> np.ndarray:
-    """Rows = classes, columns = samples; uint8 (H, W, 3) with 2 px gutters."""
+def sample_images(model, tokenizer, per_class: int, seed: int = 0, cfg_scale: float = 2.0) -> np.ndarray:
+    """(classes * per_class, H, W, 3) uint8 samples, class-major."""
     labels = torch.arange(model.args.num_classes).repeat_interleave(per_class)
-    codes = generate(model, labels, cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0,
-                     generator=torch.Generator().manual_seed(seed))
-    images = tokenizer.decode(codes).numpy() if torch.is_tensor(codes) else tokenizer.decode(codes)
-    images = np.asarray(images)
+    codes = generate(model, labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(seed))
+    return np.asarray(tokenizer.decode(codes))
+
+
+def pixel_features(images: np.ndarray, side: int = 8) -> np.ndarray:
+    """Images averaged down to side x side x 3 in [0, 1]: a feature space needing no downloaded weights."""
     n, h, w, _ = images.shape
-    pad, rows = 2, model.args.num_classes
-    grid = np.full((rows * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, per_class)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    return grid
+    x = images.reshape(n, side, h // side, side, w // side, 3).mean(axis=(2, 4))
+    return x.reshape(n, -1).astype(np.float64) / 255.0
+
+
+def demo_probe(cfg, model, store_path: Path) -> float:
+    """Linear-probe accuracy of the middle layer: first 80% of the images to fit, the rest to score."""
+    tokens, labels = read_tokens(store_path, crop=0)
+    split = int(0.8 * len(labels))
+    return probe_accuracy(model, tokens[:split], labels[:split], tokens[split:], labels[split:],
+                          layer=cfg.contrastive_layer())
 
 
 def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, per_class: int = PER_CLASS) -> dict:
@@ -95,15 +102,23 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, per_clas
     t_train = time.time()
 
     model = student_from_checkpoint(cfg, cfg.run_dir())
-    grid = sample_grid(model, tokenizer, per_class=8)
-    save_png(grid, out / "samples.png")
-    originals = np.stack([np.asarray(Image.open(sorted((images / d).iterdir())[0]).convert("RGB"))[2:-2, 2:-2]
-                          for d in sorted(p.name for p in images.iterdir())])
-    save_png(reconstruction_grid(tokenizer, originals, cols=CLASSES), out / "reconstructions.png")
+    samples = sample_images(model, tokenizer, per_class=32)
+    save_grid(samples.reshape(CLASSES, 32, *samples.shape[1:])[:, :8].reshape(-1, *samples.shape[1:]),
+              out / "samples.png", nrow=8, scale=3)
+    originals = np.stack([np.asarray(Image.open(p).convert("RGB"))[2:-2, 2:-2]
+                          for p in sorted(images.glob("*/*.png"))])
+    save_grid(reconstruction_grid(tokenizer, originals[::per_class], cols=CLASSES)[None],
+              out / "reconstructions.png", nrow=1, pad=0, scale=3)
+    real, fake = pixel_features(originals), pixel_features(samples)
+    precision, recall = precision_recall(real, fake, half=False)
+    metrics = {"probe_top1": demo_probe(cfg, model, store_path),
+               "pixel_fid": fid_from_features(fake, real), "pixel_precision": precision, "pixel_recall": recall}
     result = {
         "images": len(store), "classes": CLASSES, "tokens_per_image": store.tokens_per_image,
         "tokenizer": tokenizer.describe() if hasattr(tokenizer, "describe") else str(tokenizer),
         "tokenizer_psnr_db": round(psnr(originals, np.asarray(tokenizer.decode(tokenizer.encode(originals)))), 2),
+        # Pixel-space metrics on 8x8 averages: a sanity check, not comparable to Inception FID.
+        "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
         "train": {k: v for k, v in summary.items() if k != "run_dir"},
         "seconds": {"tokenize": round(t_tok - t0, 1), "train": round(t_train - t_tok, 1),
                     "sample": round(time.time() - t_train, 1)},
@@ -111,5 +126,5 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, per_clas
                     "run": str(cfg.run_dir())},
         "class_names": SHAPES[:CLASSES],
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+    atomic.write_text(out / "summary.json", json.dumps(result, indent=1, default=str))
     return result

@@ -122,8 +122,9 @@ def model_fingerprint(model: GPT) -> str:
     return h.hexdigest()
 
 
-def save_grid(images, path: str | os.PathLike, nrow: int = 8, pad: int = 2) -> Path:
-    """Tile (N, H, W, 3) uint8 images into one PNG, ``nrow`` images per row, written atomically."""
+def save_grid(images, path: str | os.PathLike, nrow: int = 8, pad: int = 2, scale: int = 1) -> Path:
+    """Tile (N, H, W, 3) uint8 images into one PNG, ``nrow`` images per row (each pixel ``scale`` x
+    ``scale``, for small images), written atomically."""
     from PIL import Image
 
     images = np.asarray(images)
@@ -136,12 +137,12 @@ def save_grid(images, path: str | os.PathLike, nrow: int = 8, pad: int = 2) -> P
     for i in range(n):
         r, c = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic.replacing(path) as f:
+        img.save(f, format="PNG")
+    return Path(path)
 
 
 # ---- generation ---------------------------------------------------------------------------
