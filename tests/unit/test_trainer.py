@@ -76,3 +76,28 @@ def test_live_probe_is_logged_and_leaves_training_unchanged(tiny_cfg):
     accs = [r["probe_acc"] for r in records if "probe_acc" in r]
     assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
     assert losses(probed.run_dir()) == losses(plain.run_dir())
+
+
+def test_usr1_checkpoints_stops_and_resumes_exactly(tiny_cfg):
+    """Slurm's --signal=USR1@N: save at the end of the step, stop; the rerun continues the same trajectory."""
+    import os
+    import signal
+    import threading
+    import time
+
+    full = tiny_cfg("train.steps=12", "train.ckpt_every=100", out="full")
+    train(full)
+    cfg = tiny_cfg("train.steps=12", "train.ckpt_every=100", out="signalled")
+    metrics = cfg.run_dir() / "metrics.jsonl"
+
+    def signal_after_3_steps():
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=signal_after_3_steps, daemon=True).start()
+    first = train(cfg)
+    assert first["stopped_by"] == "SIGUSR1" and 3 <= first["step"] < 12
+    assert CheckpointDir(cfg.run_dir() / "checkpoints").steps() == [first["step"]]
+    assert train(cfg)["step"] == 12
+    assert losses(cfg.run_dir()) == losses(full.run_dir())
