@@ -88,6 +88,7 @@ PASSTHROUGH = {
     "submit-tokenize": ("star_scale.submit_tokenize", "run the offline tokenizer as a Slurm array, then a verify job"),
     "sweep": ("star_scale.sweep", "scaling-law sweeps: plan a grid, submit one Slurm array, fit L(N, D) from mlflow"),
     "export": ("star_scale.parallel.export", "export a run's newest checkpoint as single-file student.pt / teacher.pt"),
+    "repro": ("star_scale.repro", "the paper's loss ablation at CPU scale: runs every config x seed, prints the table"),
     "plan": ("star_scale.plan", "per-GPU memory estimate of recipes' parallel layouts"),
     "sample": ("star_scale.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),

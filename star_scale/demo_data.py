@@ -30,15 +30,30 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
-def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    bg = rng.integers(0, 256, 3)
+# Distinct, saturated colours for ``palette=N`` (the first N are used).
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (250, 250, 250), (20, 20, 20), (128, 128, 0), (0, 0, 128)]
+
+
+def draw_shape(kind: str, size: int, rng: np.random.Generator, palette: int | None = None,
+               clutter: int = 3) -> Image.Image:
+    """One image of ``kind``.  palette=None: any RGB colours; palette=N: background, shape and
+    clutter colours from the first N of ``PALETTE`` (shape != background).  clutter: random lines."""
+    if palette is not None and not 2 <= palette <= len(PALETTE):
+        raise ValueError(f"palette={palette}: expected 2..{len(PALETTE)} colours or None")
+    bg_i = int(rng.integers(palette)) if palette else None
+    bg = rng.integers(0, 256, 3) if palette is None else np.array(PALETTE[bg_i])
     img = Image.new("RGB", (size, size), tuple(int(c) for c in bg))
     d = ImageDraw.Draw(img)
-    for _ in range(3):  # background clutter so colour alone does not tell the class
+    for _ in range(clutter):  # background clutter so colour alone does not tell the class
         x, y = rng.uniform(0, size, 2)
-        d.line([(x, y), (x + rng.uniform(-size, size) / 3, y + rng.uniform(-size, size) / 3)],
-               fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=1)
-    fg = tuple(int(c) for c in (bg + 96 + rng.integers(0, 64, 3)) % 256)  # contrasting foreground
+        end = (x + rng.uniform(-size, size) / 3, y + rng.uniform(-size, size) / 3)
+        colour = rng.integers(0, 256, 3) if palette is None else PALETTE[int(rng.integers(palette))]
+        d.line([(x, y), end], fill=tuple(int(c) for c in colour), width=1)
+    if palette is None:
+        fg = tuple(int(c) for c in (bg + 96 + rng.integers(0, 64, 3)) % 256)  # contrasting foreground
+    else:
+        fg = PALETTE[(bg_i + 1 + int(rng.integers(palette - 1))) % palette]
     r = rng.uniform(0.18, 0.34) * size
     cx, cy = rng.uniform(r, size - r, 2)
     angle = rng.uniform(0, 2 * math.pi)
@@ -62,8 +77,9 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def make_demo_images(out_dir: str | os.PathLike, classes: int = 8, per_class: int = 64, size: int = 36,
-                     seed: int = 0) -> Path:
-    """Write an ImageNet-layout folder: out_dir/<class name>/<index>.png.  Idempotent."""
+                     seed: int = 0, palette: int | None = None, clutter: int = 3) -> Path:
+    """Write an ImageNet-layout folder: out_dir/<class name>/<index>.png.  Idempotent (existing files are
+    kept, so use a fresh folder for other options).  palette, clutter: see ``draw_shape``."""
     if not 1 <= classes <= len(SHAPES):
         raise ValueError(f"classes={classes}: expected 1..{len(SHAPES)}")
     out = Path(out_dir)
@@ -72,7 +88,7 @@ def make_demo_images(out_dir: str | os.PathLike, classes: int = 8, per_class: in
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, c])
         for i in range(per_class):
-            img = draw_shape(kind, size, rng)
+            img = draw_shape(kind, size, rng, palette=palette, clutter=clutter)
             path = folder / f"{i:05d}.png"
             if not path.exists():
                 tmp = path.with_name(f".{path.name}.tmp.png")
