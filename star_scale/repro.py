@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true", help="make the data and the judge, then stop (before a Slurm array)")
     p.add_argument("--task", type=int, default=None, help="run only task i of --list (a Slurm array task), no table")
     p.add_argument("--list", action="store_true", help="print task index -> run, and exit")
-    p.add_argument("--table-only", action="store_true", help="print the table of the finished runs, train nothing")
+    p.add_argument("--table-only", action="store_true", help="print the table of the finished runs (files untouched), train nothing")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: CONFIG:SEED in a worker process
     return p
 
@@ -596,6 +596,8 @@ def main(argv=None) -> int:
     table = make_table(results, args.configs, args.seeds, args.cfg_scale, info, wall)
     print()
     print(table, flush=True)
+    if args.table_only:  # a look at the results: the files keep the last full invocation's table and wall time
+        return 0
     _atomic_text(out / "table.md", table)
     _atomic_json(out / "results.json", {"settings": json.loads((out / SETTINGS_FILE).read_text()),
                                         "judge": info, "wall_seconds": wall, "runs": results})

@@ -38,6 +38,10 @@ def test_repro_end_to_end_small(tmp_path, capsys):
     strip = lambda t: [line for line in t.splitlines() if not line.startswith("Wall time")]
     assert strip((out / "table.md").read_text()) == strip(table)
 
+    # --table-only prints the table and leaves the saved files (with their wall time) alone.
+    assert repro.main(["--out", str(out), "--table-only", *SMALL]) == 0
+    assert "Wall time" not in capsys.readouterr().out and "Wall time" in (out / "table.md").read_text()
+
     # Results made under other settings are never mixed with new ones.
     with pytest.raises(SystemExit, match="other settings"):
         repro.main(["--out", str(out), *SMALL[:-1], "train.steps=3"])
