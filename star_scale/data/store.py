@@ -16,7 +16,15 @@ import numpy as np
 from star_scale import atomic
 
 
-class ArrayStore:
+class ChunkReads:
+    """``read_chunk(i)``: the loader's unit of reading, from a store's ``read`` and ``chunk_size``."""
+
+    def read_chunk(self, chunk: int, out: np.ndarray | None = None):
+        cs = self.chunk_size
+        return self.read(chunk * cs, min(len(self), (chunk + 1) * cs), out)
+
+
+class ArrayStore(ChunkReads):
     """Tokens held in memory (the demo's small .npz, tests)."""
 
     def __init__(self, codes: np.ndarray, labels: np.ndarray, chunk_size: int = 256, attrs: dict | None = None):
@@ -60,10 +68,6 @@ class ArrayStore:
             out[...] = codes
             codes = out
         return codes, self.labels[start:stop]
-
-    def read_chunk(self, chunk: int, out: np.ndarray | None = None):
-        cs = self.chunk_size
-        return self.read(chunk * cs, min(len(self), (chunk + 1) * cs), out)
 
 
 def save_npz_store(path: str | os.PathLike, codes: np.ndarray, labels: np.ndarray, **attrs) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from star_scale.data import schema
+from star_scale.data.store import ChunkReads
 
 _EMPTY = 2**64 - 1
 
@@ -124,7 +125,7 @@ class _DirectChunkReader:
         return full[:rows] if rows < cs else full
 
 
-class ZarrStore:
+class ZarrStore(ChunkReads):
     """A token store written by ``star-scale tokenize``: same interface as ``ArrayStore``."""
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, direct: bool = True):
@@ -194,10 +195,6 @@ class ZarrStore:
                 out[...] = codes
                 codes = out
         return codes, self.labels[start:stop]
-
-    def read_chunk(self, chunk: int, out: np.ndarray | None = None):
-        cs = self.chunk_size
-        return self.read(chunk * cs, min(len(self), (chunk + 1) * cs), out)
 
     def __repr__(self) -> str:
         return f"ZarrStore({str(self.path)!r}, rows={len(self)}, crops={self.crops}, T={self.tokens_per_image}, chunk={self.chunk_size})"
