@@ -1,0 +1,1 @@
+"""`star-scale bench step|data|memory`: benchmarks that print ratios measured side by side in one run."""

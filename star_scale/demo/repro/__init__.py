@@ -1,0 +1,1 @@
+"""`star-scale repro`: the paper's loss ablation at CPU scale (plan, run, judge, table)."""

@@ -1,0 +1,1 @@
+"""The training loop and what it runs on one process: local engine, checkpoints, preemption, tracking, throughput."""
