@@ -11,7 +11,7 @@ OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g.
 
 def cmd_train(args) -> int:
     from star_scale.config import load_config
-    from star_scale.trainer import setup_logging, train
+    from star_scale.train.loop import setup_logging, train
 
     setup_logging()
     recipe, overrides = args.recipe, list(args.overrides)
@@ -73,8 +73,8 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from star_scale.demo import run_demo
-    from star_scale.trainer import setup_logging
+    from star_scale.demo.run import run_demo
+    from star_scale.train.loop import setup_logging
 
     setup_logging()
     summary = run_demo(args.out, steps=args.steps)
@@ -84,15 +84,15 @@ def cmd_demo(args) -> int:
 
 # Subcommands that own their arguments: `star-scale NAME ...` runs MODULE.main(...).
 PASSTHROUGH = {
-    "submit": ("star_scale.submit", "render a recipe into an sbatch script and submit it to Slurm"),
-    "submit-tokenize": ("star_scale.submit_tokenize", "run the offline tokenizer as a Slurm array, then a verify job"),
+    "submit": ("star_scale.slurm.submit", "render a recipe into an sbatch script and submit it to Slurm"),
+    "submit-tokenize": ("star_scale.slurm.submit_tokenize", "run the offline tokenizer as a Slurm array, then a verify job"),
     "sweep": ("star_scale.sweep", "scaling-law sweeps: plan a grid, submit one Slurm array, fit L(N, D) from mlflow"),
     "export": ("star_scale.parallel.export", "export a run's newest checkpoint as single-file student.pt / teacher.pt"),
-    "repro": ("star_scale.repro", "the paper's loss ablation at CPU scale: runs every config x seed, prints the table"),
-    "plan": ("star_scale.plan", "per-GPU memory estimate of recipes' parallel layouts"),
-    "sample": ("star_scale.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
+    "repro": ("star_scale.demo.repro.cli", "the paper's loss ablation at CPU scale: runs every config x seed, prints the table"),
+    "plan": ("star_scale.slurm.plan", "per-GPU memory estimate of recipes' parallel layouts"),
+    "sample": ("star_scale.evaluate.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),
-    "probe": ("star_scale.probe", "linear-probe accuracy of a model's middle-layer features"),
+    "probe": ("star_scale.evaluate.probe", "linear-probe accuracy of a model's middle-layer features"),
 }
 
 
@@ -102,7 +102,7 @@ def cmd_passthrough(args) -> int:
     return importlib.import_module(PASSTHROUGH[args.command][0]).main(args.rest) or 0
 
 
-BENCHES = {"data": "star_scale.bench_data", "step": "star_scale.bench_step", "memory": "star_scale.bench_memory"}
+BENCHES = {"data": "star_scale.bench.data", "step": "star_scale.bench.step", "memory": "star_scale.bench.memory"}
 
 
 def cmd_bench(args) -> int:
@@ -155,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from star_scale.config import ConfigError
-
-    from star_scale.launch import strip_launcher_args
+    from star_scale.parallel.launch import strip_launcher_args
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))  # deepspeed adds --local_rank
     # Subcommands with their own parsers get their arguments verbatim (argparse's

@@ -89,7 +89,7 @@ def tokenizer_rate(path: str | None, n_images: int, seconds: float = 2.0, device
     if path:
         tok = load_tokenizer(path, device=device)
     else:
-        from star_scale.demo_data import SHAPES, draw_shape
+        from star_scale.demo.data import SHAPES, draw_shape
 
         rng = np.random.default_rng(0)
         imgs = np.stack([np.asarray(draw_shape(SHAPES[i % len(SHAPES)], 32, rng)) for i in range(256)])

@@ -56,9 +56,9 @@ def worker(out: str, overrides: list[str]) -> None:
 
     from star_scale.config import load_config
     from star_scale.models.build import build_model
+    from star_scale.objectives.module import build_training_module
     from star_scale.parallel.engine import DeepSpeedEngine
     from star_scale.parallel.layout import shutdown
-    from star_scale.training_module import build_training_module
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, overrides, world_size=world)
@@ -77,13 +77,13 @@ def worker(out: str, overrides: list[str]) -> None:
 
 def launch(n: int, overrides: list[str], tmp: Path) -> list[dict]:
     out = tmp / f"ranks{n}.json"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                PYTHONWARNINGS="ignore", DEEPSPEED_TIMEOUT=os.environ.get("DEEPSPEED_TIMEOUT", "5"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(29850 + n), "-m", "star_scale.bench_memory", "--worker", str(out), "--", *overrides]
+           str(29850 + n), "-m", "star_scale.bench.memory", "--worker", str(out), "--", *overrides]
     log = tmp / f"launch{n}.log"
     with open(log, "w") as f:
         code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)

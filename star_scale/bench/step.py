@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 
 from star_scale.config import Config
-from star_scale.engine import LocalEngine
 from star_scale.models.build import build_model
-from star_scale.training_module import build_training_module
+from star_scale.objectives.module import build_training_module
+from star_scale.train.local_engine import LocalEngine
 
 # name -> (layers, heads, width, images per step B)
 CONFIGS = {

@@ -13,15 +13,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from star_scale import atomic
-
-
-class ChunkReads:
-    """``read_chunk(i)``: the loader's unit of reading, from a store's ``read`` and ``chunk_size``."""
-
-    def read_chunk(self, chunk: int, out: np.ndarray | None = None):
-        cs = self.chunk_size
-        return self.read(chunk * cs, min(len(self), (chunk + 1) * cs), out)
+from star_scale.data.chunks import ChunkReads
 
 
 class ArrayStore(ChunkReads):

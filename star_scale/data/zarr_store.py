@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from star_scale.data import schema
-from star_scale.data.store import ChunkReads
+from star_scale.data.chunks import ChunkReads
 
 _EMPTY = 2**64 - 1
 

@@ -25,14 +25,14 @@ from PIL import Image
 from star_scale import atomic
 from star_scale.config import load_config
 from star_scale.data.store import open_store
-from star_scale.demo_data import SHAPES, make_demo_images
-from star_scale.models.build import build_model
+from star_scale.demo.data import SHAPES, make_demo_images
 from star_scale.evaluate.metrics import fid_from_features, precision_recall
+from star_scale.evaluate.probe import probe_accuracy, read_tokens
+from star_scale.evaluate.sample import save_grid
+from star_scale.models.build import build_model
 from star_scale.models.generate import generate
-from star_scale.probe import probe_accuracy, read_tokens
-from star_scale.sample import save_grid
 from star_scale.tokenizer import load_tokenizer, psnr, reconstruction_grid
-from star_scale.trainer import train
+from star_scale.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def tokenize(images: Path, store: Path) -> None:
 
 
 def student_from_checkpoint(cfg, run_dir: Path) -> torch.nn.Module:
-    from star_scale.checkpoint import CheckpointDir
+    from star_scale.train.checkpoint import CheckpointDir
 
     step, state = CheckpointDir(run_dir / "checkpoints").load_latest()
     weights = {k[len("student."):]: v for k, v in state["engine"]["module"].items() if k.startswith("student.")}

@@ -64,8 +64,8 @@ class SampleSettings:
 
 # ---- ranks ---------------------------------------------------------------------------
 def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun or srun (star_scale.launch); no process group is needed."""
-    from star_scale.launch import detect
+    """(rank, world size, local rank) from torchrun or srun (star_scale.parallel.launch); no process group is needed."""
+    from star_scale.parallel.launch import detect
 
     le = detect()
     return le.rank, le.world_size, le.local_rank

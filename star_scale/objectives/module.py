@@ -14,7 +14,7 @@ from star_scale.objectives.contrastive import Projector, contrastive_losses, gat
 from star_scale.objectives.draws import MASK, POSITIONS
 from star_scale.objectives.masks import mim_key_mask, sample_positions
 from star_scale.objectives.mim import cosine_similarity, last_layer_features
-from star_scale.teacher import EMATeacher
+from star_scale.objectives.teacher import EMATeacher
 
 
 class ARModule(nn.Module):

@@ -10,5 +10,5 @@
 - ``checkpoint``: atomic sharded checkpoints, consolidation (elastic resume) and export.
 
 Importing this package imports DeepSpeed and megatron-core; the single-process
-path (star_scale.engine) never does.
+path (star_scale.train.local_engine) never does.
 """

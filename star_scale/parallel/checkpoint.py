@@ -1,6 +1,6 @@
 """Distributed checkpoints: atomic, verified, resumable on the same layout bit for bit, or on any other.
 
-One checkpoint is one folder ``step_XXXXXXXX`` (``star_scale.checkpoint.CheckpointDir``
+One checkpoint is one folder ``step_XXXXXXXX`` (``star_scale.train.checkpoint.CheckpointDir``
 names, verification and pruning rules):
 
     ds/                 DeepSpeed's own files: student shards and optimizer partitions
@@ -37,11 +37,18 @@ import torch
 import torch.distributed as dist
 
 from star_scale.atomic import fsync_dir
-from star_scale.checkpoint import CheckpointDir
 from star_scale.parallel.consolidated import CONSOLIDATED, DISTRIBUTED, from_local
 from star_scale.parallel.tensor_parallel import gather_full, partition_of, shard
-from star_scale.parallel.zero_state import (MOMENTS, ensure_optimizer_state, full_fp32, full_moment,
-                                            link_optimizer_fragments, optimizer_step, set_full)
+from star_scale.parallel.zero_state import (
+    MOMENTS,
+    ensure_optimizer_state,
+    full_fp32,
+    full_moment,
+    link_optimizer_fragments,
+    optimizer_step,
+    set_full,
+)
+from star_scale.train.checkpoint import CheckpointDir
 
 log = logging.getLogger(__name__)
 FORMAT = DISTRIBUTED

@@ -28,17 +28,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from star_scale.checkpoint import CheckpointDir
 from star_scale.config import Config
-from star_scale.engine import make_optimizer, resolve_device, resolve_dtype
 from star_scale.models.gpt import GPT
+from star_scale.objectives.draws import set_step_draws
 from star_scale.parallel import checkpoint as dist_ckpt
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
 from star_scale.parallel.mpu import MegatronMPU
 from star_scale.parallel.sharded_teacher import ReplicatedTeacher, ShardedTeacher, install_teacher, take_teacher
 from star_scale.parallel.tensor_parallel import LayerFactory, tensor_parallelize
-from star_scale.objectives.draws import set_step_draws
+from star_scale.train.checkpoint import CheckpointDir
+from star_scale.train.local_engine import make_optimizer, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from star_scale.checkpoint import CheckpointDir
 from star_scale.config import load_config
 from star_scale.models.build import gpt_args
 from star_scale.models.gpt import GPT, GPTArgs
 from star_scale.models.model_file import load_strict, save_model_file
+from star_scale.train.checkpoint import CheckpointDir
 
 log = logging.getLogger(__name__)
 

@@ -112,15 +112,3 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             out.append(a)
     return out
 
-
-def select_engine(cfg):
-    """The engine class for this process: DeepSpeed for more than one rank (or TP > 1), else LocalEngine.
-
-    One process, launched or not, stays the dependency-free local engine;
-    checkpoints move between the two through their consolidated form.
-    """
-    if detect().world_size > 1 or cfg.parallel.tp > 1:
-        from star_scale.parallel.engine import DeepSpeedEngine
-        return DeepSpeedEngine
-    from star_scale.engine import LocalEngine
-    return LocalEngine

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from star_scale.launch import detect, export_torch_env
+from star_scale.parallel.launch import detect, export_torch_env
 
 log = logging.getLogger(__name__)
 

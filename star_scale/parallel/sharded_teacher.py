@@ -7,7 +7,7 @@ student's.  The EMA then runs on local partitions only, no all-gather:
 
     teacher_i <- d * teacher_i + (1 - d) * student_fp32_i
 
-with ``star_scale.teacher.ema_update_`` (the single-process arithmetic, so the
+with ``star_scale.objectives.teacher.ema_update_`` (the single-process arithmetic, so the
 gathered teacher equals the EMA of the gathered student).  The student side is
 its fp32 master partition; the teacher keeps fp32 masters too (in bf16 runs a
 bf16 EMA would lose the 1e-4 updates), copied into its bf16 partitions for the
@@ -27,10 +27,10 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from star_scale.objectives.teacher import EMATeacher, ema_update_
 from star_scale.parallel.tensor_parallel import gather_full, shard
 from star_scale.parallel.tensor_parallel import partition_of as tp_partition
 from star_scale.parallel.zero_state import gather_partitions, partition_of
-from star_scale.teacher import EMATeacher, ema_update_
 
 
 def take_teacher(module: nn.Module):

@@ -16,7 +16,7 @@ from typing import Optional
 
 from star_scale.config import Config, ConfigError, load_config, save_config
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "cluster" / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "cluster" / "templates"
 
 
 def partitions() -> tuple[list[str], Optional[str]]:
@@ -62,7 +62,7 @@ def create_experiment(cfg: Config) -> str:
         return cfg.tracking.experiment_id
     from mlflow.tracking import MlflowClient
 
-    from star_scale.tracking import default_uri
+    from star_scale.train.tracking import default_uri
 
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from star_scale.config import ConfigError
-from star_scale.submit import TEMPLATES, add_cluster_flags, fill, partitions, sbatch, sbatch_options
+from star_scale.slurm.submit import TEMPLATES, add_cluster_flags, fill, partitions, sbatch, sbatch_options
 
 
 def main(argv=None) -> int:

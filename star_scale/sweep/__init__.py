@@ -5,7 +5,7 @@ The sweep file's format and the commands: `star-scale sweep --help` (cli.py). On
     spec.py      the sweep file: load_sweep expands it into runs; plan_table, write_plan (the sweep folder)
     submit.py    checks, the mlflow experiment (created once), the rendered array script, sbatch
     results.py   fit, step 1: the runs read back from mlflow
-    analysis.py  fit, step 2: L(N, D) and the compute-optimal frontier (star_scale.scaling)
+    analysis.py  fit, step 2: L(N, D) and the compute-optimal frontier (star_scale.sweep.scaling)
     report.py    fit, step 3: tables and plots
     fit.py       fit_sweep: the three steps, written into the fit folder
     cli.py       argparse: main(argv)
@@ -18,8 +18,19 @@ from star_scale.sweep.costs import flops, model_params, train_flops_per_token, v
 from star_scale.sweep.fit import fit_sweep
 from star_scale.sweep.report import markdown, plot, run_rows
 from star_scale.sweep.results import RunResult, collect, config_from_params, tail_mean
-from star_scale.sweep.spec import (FIT_DEFAULTS, LABEL_RE, SPEC_KEYS, SWEEP_OWNED, Sweep, SweepRun, check_fit_options,
-                                   load_sweep, plan_table, read_state, write_plan)
+from star_scale.sweep.spec import (
+                                   FIT_DEFAULTS,
+                                   LABEL_RE,
+                                   SPEC_KEYS,
+                                   SWEEP_OWNED,
+                                   Sweep,
+                                   SweepRun,
+                                   check_fit_options,
+                                   load_sweep,
+                                   plan_table,
+                                   read_state,
+                                   write_plan,
+)
 from star_scale.sweep.submit import TEMPLATE, check_submission, ensure_experiment, render, submit_sweep
 
 __all__ = [

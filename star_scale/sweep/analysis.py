@@ -1,4 +1,4 @@
-"""`sweep fit`, step 2: fit the law (star_scale.scaling), bootstrap intervals, the compute-optimal frontier."""
+"""`sweep fit`, step 2: fit the law (star_scale.sweep.scaling), bootstrap intervals, the compute-optimal frontier."""
 from __future__ import annotations
 
 import math
@@ -19,7 +19,7 @@ def frontier_points(results: list[RunResult]) -> list[RunResult]:
 def analyse(results: list[RunResult], fit_opts: dict, budgets: list[float] = (), log=print) -> dict:
     import numpy as np
 
-    from star_scale import scaling
+    from star_scale.sweep import scaling
 
     N = np.array([r.n_params for r in results], dtype=float)
     D = np.array([r.tokens for r in results], dtype=float)

@@ -22,7 +22,7 @@ token budgets or compute budgets x model sizes:
 base recipe and overrides of run i); `submit` sends them as one Slurm array
 under one mlflow experiment created beforehand (tasks get its id and a
 `sweep` tag); `fit` reads the runs back from mlflow and fits
-L(N, D) = E + A/N^a + B/D^b plus the compute-optimal N(C), D(C) (star_scale.scaling).
+L(N, D) = E + A/N^a + B/D^b plus the compute-optimal N(C), D(C) (star_scale.sweep.scaling).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from star_scale.submit import cluster_overrides
+    from star_scale.slurm.submit import cluster_overrides
 
     sweep = load_sweep(args.sweep, [*args.overrides, *cluster_overrides(args)], args.sets, args.out)
     job = submit_sweep(sweep, dry_run=args.dry_run)
@@ -109,7 +109,7 @@ def cmd_fit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from star_scale.submit import add_cluster_flags
+    from star_scale.slurm.submit import add_cluster_flags
 
     doc = __doc__.split("\n", 2)[2]
     ap = argparse.ArgumentParser(prog="star-scale sweep", description="Scaling-law sweeps: plan a grid of runs, "

@@ -5,7 +5,7 @@ from star_scale.config import Config
 
 
 def views(cfg: Config) -> int:
-    from star_scale.training_module import ARModule, STARModule
+    from star_scale.objectives.module import ARModule, STARModule
 
     return {"ar": ARModule.views, "star": STARModule.views}[cfg.objective.name]
 
@@ -13,7 +13,7 @@ def views(cfg: Config) -> int:
 def model_params(cfg: Config, kind: str = "total") -> int:
     """N: all parameters (`total`) or the transformer blocks' only (`non_embedding`)."""
     from star_scale.models.build import gpt_args
-    from star_scale.plan import count_params
+    from star_scale.slurm.plan import count_params
 
     total, block = count_params(cfg)
     return total if kind == "total" else gpt_args(cfg).layers * block
@@ -24,7 +24,7 @@ def train_flops_per_token(cfg: Config) -> float:
     import torch
 
     from star_scale.models.build import build_model
-    from star_scale.training_module import build_training_module
+    from star_scale.objectives.module import build_training_module
 
     with torch.device("meta"):
         model = build_model(cfg)

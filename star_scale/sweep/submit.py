@@ -18,7 +18,7 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "cluster" / "templates" / "swee
 
 def check_submission(sweep: Sweep, query_slurm: bool = True) -> list[Config]:
     """Everything sbatch would not catch: cluster layout, one resource shape for the array, data present."""
-    from star_scale.submit import check_cluster
+    from star_scale.slurm.submit import check_cluster
 
     cfgs = sweep.configs()
     first = cfgs[0].cluster
@@ -56,7 +56,7 @@ def ensure_experiment(uri: str, name: str, sweep_dir: Path) -> str:
 
 def render(sweep: Sweep, cfg: Config, experiment_id: str) -> str:
     """The array script: resources from the runs' (shared) cluster section, task i = run i."""
-    from star_scale.submit import fill, sbatch_options
+    from star_scale.slurm.submit import fill, sbatch_options
 
     c = cfg.cluster
     array = f"0-{len(sweep.runs) - 1}" + (f"%{sweep.max_parallel}" if sweep.max_parallel else "")
@@ -70,7 +70,7 @@ def render(sweep: Sweep, cfg: Config, experiment_id: str) -> str:
 
 
 def submit_sweep(sweep: Sweep, dry_run: bool = False) -> Optional[str]:
-    from star_scale.submit import sbatch
+    from star_scale.slurm.submit import sbatch
 
     cfgs = check_submission(sweep, query_slurm=not dry_run)
     if dry_run:

@@ -16,18 +16,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from star_scale.checkpoint import CheckpointDir
 from star_scale.config import Config, ConfigError, save_config
 from star_scale.data.loader import TokenLoader
 from star_scale.data.store import open_store
-from star_scale.launch import is_main_process, select_engine
 from star_scale.models.build import build_model
-from star_scale.preemption import StopSignals
-from star_scale.throughput import Meter, memory_stats
-from star_scale.tracking import make_tracker
-from star_scale.training_module import build_training_module
+from star_scale.objectives.module import build_training_module
+from star_scale.parallel.launch import detect, is_main_process
+from star_scale.train.checkpoint import CheckpointDir
+from star_scale.train.preemption import StopSignals
+from star_scale.train.throughput import Meter, memory_stats
+from star_scale.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
+
+
+def select_engine(cfg):
+    """The engine class for this process: DeepSpeed for more than one rank (or TP > 1), else LocalEngine.
+
+    One process, launched or not, stays the dependency-free local engine;
+    checkpoints move between the two through their consolidated form.
+    """
+    if detect().world_size > 1 or cfg.parallel.tp > 1:
+        from star_scale.parallel.engine import DeepSpeedEngine
+        return DeepSpeedEngine
+    from star_scale.train.local_engine import LocalEngine
+    return LocalEngine
 
 
 def rng_state() -> dict:
@@ -67,7 +80,7 @@ def check_store_matches(cfg: Config, store) -> None:
 
 def live_probe(cfg: Config, student, store) -> float:
     """Linear-probe accuracy of the student's middle layer on the store's first images (all ranks call it)."""
-    from star_scale.probe import read_tokens, probe_accuracy
+    from star_scale.evaluate.probe import probe_accuracy, read_tokens
 
     tokens, labels = read_tokens(cfg.data.path, crop=0, limit=cfg.train.probe_images)
     split = int(0.8 * len(labels))

@@ -40,8 +40,8 @@ def rank_slice(batch, dp_rank: int, dp: int):
 def build(cfg):
     """Model and training module exactly as the trainer builds them."""
     from star_scale.models.build import build_model
-    from star_scale.trainer import seed_everything
-    from star_scale.training_module import build_training_module
+    from star_scale.objectives.module import build_training_module
+    from star_scale.train.loop import seed_everything
 
     seed_everything(cfg.train.seed)
     return build_training_module(cfg, build_model(cfg))
@@ -50,7 +50,7 @@ def build(cfg):
 @functools.lru_cache(maxsize=None)
 def reference_losses(objective: str, steps: int = STEPS) -> list[float]:
     """One process, LocalEngine: the run every layout must reproduce."""
-    from star_scale.engine import LocalEngine
+    from star_scale.train.local_engine import LocalEngine
 
     cfg = config(objective)
     module = build(cfg)

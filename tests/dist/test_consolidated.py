@@ -5,8 +5,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from star_scale.engine import LocalEngine  # noqa: E402
 from star_scale.parallel.consolidated import from_local, optimizer_order, to_local  # noqa: E402
+from star_scale.train.local_engine import LocalEngine  # noqa: E402
 
 
 def test_local_state_through_consolidated_continues_exactly():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from star_scale.config import ConfigError, load_config
-from star_scale.launch import detect, expand_hostlist, strip_launcher_args
+from star_scale.parallel.launch import detect, expand_hostlist, strip_launcher_args
 
 
 def test_torchrun_and_deepspeed_launcher_env():

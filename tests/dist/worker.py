@@ -22,11 +22,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from star_scale.checkpoint import CheckpointDir  # noqa: E402
+from star_scale.objectives.teacher import ema_update_  # noqa: E402
 from star_scale.parallel import checkpoint as dist_ckpt  # noqa: E402
 from star_scale.parallel.engine import DeepSpeedEngine  # noqa: E402
 from star_scale.parallel.layout import init_layout, shutdown  # noqa: E402
-from star_scale.teacher import ema_update_  # noqa: E402
+from star_scale.train.checkpoint import CheckpointDir  # noqa: E402
 
 
 def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None = None) -> dict:

@@ -6,7 +6,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from star_scale.tracking import default_uri
+from star_scale.train.tracking import default_uri
 from tests.conftest import TINY
 
 SUBMIT = [sys.executable, "-m", "star_scale.cli", "submit"]

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 
 from star_scale.data.store import open_store
-from star_scale.demo_data import make_demo_images
+from star_scale.demo.data import make_demo_images
 
 JOB = ["--tokenizer", "patch-kmeans:64", "--image-size", "16", "--shard-size", "16", "--fit-images", "64"]
 

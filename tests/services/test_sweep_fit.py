@@ -12,9 +12,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from star_scale import scaling
 from star_scale import sweep as sw
 from star_scale.config import load_config
+from star_scale.sweep import scaling
 
 ROOT = Path(__file__).resolve().parents[2]
 LAW = dict(E=1.69, A=406.4, a=0.34, B=410.7, b=0.28)

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from star_scale.config import load_config
-from star_scale.plan import count_params
+from star_scale.slurm.plan import count_params
 from tests.conftest import TINY
 
 SWEEP = [sys.executable, "-m", "star_scale.sweep"]

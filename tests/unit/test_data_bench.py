@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from star_scale.bench_data import main
+from star_scale.bench.data import main
 
 
 def test_bench_data_last_two_lines(capsys):
@@ -16,7 +16,7 @@ def test_bench_data_last_two_lines(capsys):
 
 
 def test_bench_data_tokenizer_line(capsys, tmp_path):
-    from star_scale.bench_data import tokenizer_rate
+    from star_scale.bench.data import tokenizer_rate
 
     name, crops_s, images_s = tokenizer_rate(None, 64, seconds=0.2)
     assert name.startswith("patch-kmeans-512") and crops_s > 0 and abs(images_s * 10 - crops_s) < 1e-6 * crops_s

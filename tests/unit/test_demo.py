@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from star_scale.demo import run_demo
+from star_scale.demo.run import run_demo
 
 
 def test_demo_end_to_end_small(tmp_path):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from star_scale.config import load_config
-from star_scale.engine import LocalEngine
 from star_scale.models.build import build_model
-from star_scale.plan import count_params, estimate, main
-from star_scale.training_module import build_training_module
+from star_scale.objectives.module import build_training_module
+from star_scale.slurm.plan import count_params, estimate, main
+from star_scale.train.local_engine import LocalEngine
 from tests.conftest import TINY
 
 

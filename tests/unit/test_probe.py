@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from star_scale.data.store import save_npz_store
+from star_scale.evaluate.probe import LARS, extract_features, linear_probe, main, probe_accuracy, probe_positions
 from star_scale.models.gpt import GPT, GPTArgs
 from star_scale.models.model_file import save_model_file
-from star_scale.probe import (LARS, extract_features, linear_probe, main, probe_accuracy, probe_positions)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 

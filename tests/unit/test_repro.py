@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from star_scale import repro
+from star_scale.demo.repro import cli as repro
+from star_scale.demo.repro.plan import TITLES
+from star_scale.demo.repro.table import make_table
 
 SMALL = ["--per-class", "12", "--val-per-class", "6", "--seeds", "0", "--samples-per-class", "2",
          "--classifier-epochs", "1", "--probe-epochs", "2", "--cfg-scale", "1.5", "train.steps=2"]
@@ -16,7 +18,7 @@ def test_repro_end_to_end_small(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert table.strip() in printed  # the saved table is what was printed
     for config in repro.CONFIGS:
-        assert f"| {repro.TITLES[config]} | 1 |" in table
+        assert f"| {TITLES[config]} | 1 |" in table
         result = json.loads((out / "runs" / f"{config}-s0" / "result.json").read_text())
         assert result["steps"] == 2 and result["model"]["layers"] == 4 and result["probe_layer"] == 2
         assert 0.0 <= result["probe_top1"] <= 1.0 and result["val_loss"] > 0
@@ -70,7 +72,7 @@ def test_table_mean_std_and_paired_differences():
     results = [_fake("baseline", 0, 0.50, 2.0, 0.5, 10.0), _fake("baseline", 1, 0.60, 2.2, 0.7, 12.0),
                _fake("all", 0, 0.70, 2.1, 0.6, 8.0), _fake("all", 1, 0.90, 2.1, 0.8, 9.0)]
     judge = {"val_accuracy": 0.9, "reference_images": 16, "fid_real_train_vs_val": 0.5}
-    table = repro.make_table(results, ["baseline", "all"], [0, 1], 2.0, judge, wall_seconds=60)
+    table = make_table(results, ["baseline", "all"], [0, 1], 2.0, judge, wall_seconds=60)
     rows = {line.split(" | ")[0]: line for line in table.splitlines()}
     # baseline probe: 50, 60 -> 55.0 ± 7.1 (sample std); all: 70, 90 -> 80.0 ± 14.1
     assert "| 55.0 ± 7.1 | 2.1000 ± 0.1414 | 60.0 ± 14.1 | 11.00 ± 1.41 |" in rows["| baseline (AR)"]
@@ -85,7 +87,7 @@ def test_table_mean_std_and_paired_differences():
 def test_demo_data_palette_and_clutter_options():
     import numpy as np
 
-    from star_scale.demo_data import PALETTE, draw_shape
+    from star_scale.demo.data import PALETTE, draw_shape
 
     # The defaults draw exactly what they drew before the options existed (same random stream).
     a = np.asarray(draw_shape("star", 36, np.random.default_rng(3)))

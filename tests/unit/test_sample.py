@@ -6,12 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
+from star_scale.evaluate.sample import (
+    SampleSettings,
+    batch_file,
+    batches_of_rank,
+    make_labels,
+    sample_noise,
+    sample_to_npz,
+    save_grid,
+)
 from star_scale.models.generate import generate, inverse_cdf_sample
 from star_scale.models.gpt import GPT, GPTArgs
-from star_scale.sample import (SampleSettings, batch_file, batches_of_rank, make_labels, sample_noise, sample_to_npz,
-                               save_grid)
 from star_scale.tokenizer import PatchTokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -133,7 +139,7 @@ def test_bad_settings_are_refused(model, tokenizer, tmp_path):
         sample_to_npz(model, tokenizer.decode, tmp_path / "x.npz", settings(top_p=0.0))
 
 
-@pytest.mark.parametrize("module", ["star_scale.sample", "star_scale.evaluate", "star_scale.probe"])
+@pytest.mark.parametrize("module", ["star_scale.evaluate.sample", "star_scale.evaluate", "star_scale.evaluate.probe"])
 def test_cli_help(module, capsys):
     import importlib
 
@@ -144,7 +150,7 @@ def test_cli_help(module, capsys):
 
 
 def test_ranks_come_from_the_launcher_environment(monkeypatch):
-    from star_scale.sample import dist_env
+    from star_scale.evaluate.sample import dist_env
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)

@@ -31,7 +31,7 @@ def files(tmp_path_factory):
 
 
 def command(d: Path, out: str, *extra) -> list:
-    return ["-m", "star_scale.sample", str(d / "model.pt"), "--tokenizer", str(d / "tok.pt"), "--out", str(d / out),
+    return ["-m", "star_scale.evaluate.sample", str(d / "model.pt"), "--tokenizer", str(d / "tok.pt"), "--out", str(d / out),
             "--num-samples", str(N), "--batch-size", str(BATCH), "--seed", "3", "--cfg-scale", "1.5", "--top-k", "40",
             "--grid", "16", *extra]
 

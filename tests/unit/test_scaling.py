@@ -1,8 +1,8 @@
-"""The scaling-law fit (star_scale.scaling) on synthetic losses from known laws."""
+"""The scaling-law fit (star_scale.sweep.scaling) on synthetic losses from known laws."""
 import numpy as np
 import pytest
 
-from star_scale import scaling
+from star_scale.sweep import scaling
 
 CHINCHILLA = dict(E=1.69, A=406.4, a=0.34, B=410.7, b=0.28)
 

@@ -8,7 +8,7 @@ import pytest
 
 from star_scale import sweep as sw
 from star_scale.config import load_config
-from star_scale.plan import count_params
+from star_scale.slurm.plan import count_params
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ def test_tail_mean_and_short_numbers():
 
 
 def test_sweep_tags_reach_mlflow_run_tags(monkeypatch, caplog):
-    from star_scale.tracking import run_tags
+    from star_scale.train.tracking import run_tags
 
     monkeypatch.setenv("STAR_SCALE_MLFLOW_TAGS", '{"sweep": "tiny", "sweep_index": 3}')
     tags = run_tags()

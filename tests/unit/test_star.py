@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from star_scale import bench_step
+from star_scale.bench import step as bench_step
 from star_scale.config import Config, ConfigError, load_config
-from star_scale.engine import LocalEngine, param_groups
 from star_scale.models.build import build_model
 from star_scale.objectives.ar import next_token_loss
-from star_scale.training_module import ARModule, STARModule, build_training_module
+from star_scale.objectives.module import ARModule, STARModule, build_training_module
+from star_scale.train.local_engine import LocalEngine, param_groups
 
 V, C, GRID = 16, 4, 4
 T = GRID * GRID

@@ -4,10 +4,10 @@ import torch
 import torch.nn as nn
 
 from star_scale.config import Config
-from star_scale.engine import LocalEngine
 from star_scale.models.build import build_model
-from star_scale.teacher import EMATeacher, ema_update_
-from star_scale.training_module import STARModule, build_training_module
+from star_scale.objectives.module import STARModule, build_training_module
+from star_scale.objectives.teacher import EMATeacher, ema_update_
+from star_scale.train.local_engine import LocalEngine
 
 
 def small_cfg(**objective) -> Config:

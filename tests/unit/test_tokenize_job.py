@@ -14,9 +14,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from star_scale.data import TokenLoader, open_store
-from star_scale.data import schema
-from star_scale.demo_data import make_demo_images
+from star_scale.data import TokenLoader, open_store, schema
+from star_scale.demo.data import make_demo_images
 from star_scale.tokenizer import PatchTokenizer
 from tokenize_data import job
 from tokenize_data.images import ten_crops

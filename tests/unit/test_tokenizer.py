@@ -5,15 +5,24 @@ import numpy as np
 import pytest
 import torch
 
-from star_scale.tokenizer import (PatchTokenizer, TokenizerError, VQConfig, VQModel, VQTokenizer, load_tokenizer, psnr,
-                                  reconstruction_grid, vq_ds16)
+from star_scale.tokenizer import (
+    PatchTokenizer,
+    TokenizerError,
+    VQConfig,
+    VQModel,
+    VQTokenizer,
+    load_tokenizer,
+    psnr,
+    reconstruction_grid,
+    vq_ds16,
+)
 
 
 @pytest.fixture(scope="module")
 def demo_crops(tmp_path_factory):
     from PIL import Image
 
-    from star_scale.demo_data import make_demo_images
+    from star_scale.demo.data import make_demo_images
     from tokenize_data.images import ten_crops
 
     root = make_demo_images(tmp_path_factory.mktemp("demo"), classes=8, per_class=16, size=36, seed=0)

@@ -1,8 +1,8 @@
 """mlflow tracking against the default local store (sqlite in the run folder)."""
 from mlflow.tracking import MlflowClient
 
-from star_scale.trainer import train
-from star_scale.tracking import default_uri
+from star_scale.train.loop import train
+from star_scale.train.tracking import default_uri
 
 
 def test_resumed_run_continues_one_mlflow_run(tiny_cfg):

@@ -4,10 +4,10 @@ import logging
 import pytest
 import torch
 
-from star_scale.checkpoint import CheckpointDir
-from star_scale.engine import param_groups
 from star_scale.models.gpt import GPT, GPTArgs
-from star_scale.trainer import train
+from star_scale.train.checkpoint import CheckpointDir
+from star_scale.train.local_engine import param_groups
+from star_scale.train.loop import train
 
 
 def losses(run_dir):
