@@ -161,3 +161,23 @@ def test_checker_catches_a_circle_and_an_upward_import(tmp_path, monkeypatch):
         test_no_import_against_the_layer_order()
     with pytest.raises(AssertionError, match=r"star_scale/config.py -> .*star_scale/config.py"):
         test_no_import_circle()
+
+
+def test_old_module_paths_warn_and_resolve_to_the_new_module():
+    import importlib
+    import warnings
+
+    import star_scale
+    from star_scale.train import loop
+
+    for old, new in star_scale._MOVED.items():
+        assert importlib.util.find_spec(f"star_scale.{new}") is not None, f"star_scale.{old} -> missing {new}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("star_scale.trainer")
+        from star_scale.demo import run_demo
+    assert old is loop and old.train is loop.train
+    assert run_demo.__module__ == "star_scale.demo.run"
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("star_scale.trainer has moved to star_scale.train.loop" in m for m in messages), messages
+    assert any("star_scale.demo.run_demo has moved" in m for m in messages), messages
