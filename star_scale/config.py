@@ -106,6 +106,8 @@ class ClusterConfig:
     time: str = "24:00:00"
     constraint: Optional[str] = None
     signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint and requeue
+    mem: str = "auto"  # --mem per node: auto (star_scale/slurm/resources.py), node (all of it), none, or e.g. 200G
+    ckpt_write_gbs: float = 1.0  # write bandwidth per node, GB/s: sizes signal_seconds to the checkpoint
     extra_sbatch: list = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=high"]
 
     def ranks_per_node(self) -> int:

@@ -112,3 +112,23 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             out.append(a)
     return out
 
+
+def cpu_summary(environ: Optional[dict] = None) -> str:
+    """This process's CPUs as the scheduler bound them, for the job log (a starved task shows up here)."""
+    env = os.environ if environ is None else environ
+    le = detect(env)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    slurm = f", SLURM_CPUS_PER_TASK={env['SLURM_CPUS_PER_TASK']}" if "SLURM_CPUS_PER_TASK" in env else ""
+    return f"rank {le.rank}: {len(cpus)} cpus {_ranges(cpus)}{slurm}"
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, start = [], None
+    for i, c in enumerate(ids):
+        if start is None:
+            start = c
+        if i + 1 == len(ids) or ids[i + 1] != c + 1:
+            out.append(f"{start}-{c}" if c != start else f"{c}")
+            start = None
+    return ",".join(out)

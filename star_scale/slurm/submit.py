@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from star_scale.config import Config, ConfigError, load_config, save_config
+from star_scale.slurm.resources import mem_line, save_window
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "cluster" / "templates"
 
@@ -45,6 +46,7 @@ def check_cluster(cfg: Config, query_slurm: bool = True) -> None:
         raise ConfigError(f"parallel.tp={p.tp} does not divide the {c.ranks_per_node()} ranks per node "
                           f"(cluster.gpus_per_node={c.gpus_per_node}): a tensor-parallel group must sit inside one node")
     cfg.validate(c.world_size())
+    mem_line(cfg), save_window(cfg)  # their errors name the cluster keys, before sbatch
     if query_slurm:
         names, default = partitions()
         if c.partition is None and default is None:
@@ -93,9 +95,11 @@ def fill(template: Path, values: dict) -> str:
 
 def render(cfg: Config, train_args: list[str], experiment_id: str, template: Path = TEMPLATES / "train.sbatch") -> str:
     c = cfg.cluster
+    window = save_window(cfg)
     return fill(template, {
         "JOB_NAME": cfg.name, "NODES": c.nodes, "TASKS_PER_NODE": c.ranks_per_node(), "CPUS_PER_TASK": c.cpus_per_task,
-        "TIME": c.time, "RUN_DIR": cfg.run_dir().resolve(), "SIGNAL_SECONDS": c.signal_seconds,
+        "TIME": c.time, "RUN_DIR": cfg.run_dir().resolve(), "SIGNAL_SECONDS": window.signal_seconds,
+        "SAVE_WAIT": window.save_wait, "MEM_LINE": mem_line(cfg),
         "EXTRA_SBATCH": "\n".join(sbatch_options(c)), "EXPERIMENT_ID": shlex.quote(experiment_id),
         "WORKDIR": shlex.quote(str(Path.cwd())), "PYTHON": shlex.quote(sys.executable),
         "ARGS": " ".join(shlex.quote(a) for a in train_args),
@@ -136,6 +140,9 @@ def main(argv=None) -> int:
     overrides = [*args.overrides, *cluster_overrides(args)]
     cfg = load_config(args.recipe, overrides)
     check_cluster(cfg, query_slurm=not args.dry_run)
+    note = save_window(cfg).note
+    if note:
+        print(f"star-scale submit: {note}", file=sys.stderr)
     experiment_id = "" if args.dry_run else create_experiment(cfg)
     script = render(cfg, [args.recipe, *overrides], experiment_id)
     if args.dry_run:

@@ -21,7 +21,7 @@ from star_scale.data.loader import TokenLoader
 from star_scale.data.store import open_store
 from star_scale.models.build import build_model
 from star_scale.objectives.module import build_training_module
-from star_scale.parallel.launch import detect, is_main_process
+from star_scale.parallel.launch import cpu_summary, detect, is_main_process
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.train.preemption import StopSignals
 from star_scale.train.throughput import Meter, memory_stats
@@ -116,6 +116,7 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     stop_after: return after this many steps of the current call (tests use it
     to interrupt a run without killing it).
     """
+    log.info(cpu_summary())
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # one writer: ranks racing on the same temp file lose the rename

@@ -1,7 +1,9 @@
 """Stop cleanly on Slurm's signals: checkpoint, and requeue when the time limit nears.
 
 - SIGUSR1 (``--signal=USR1@N``): the time limit is N seconds away; save,
-  then ``scontrol requeue`` this job so it continues from the checkpoint.
+  then ``scontrol requeue`` this job so it continues from the checkpoint. Under
+  star-scale's own sbatch script (``STAR_SCALE_REQUEUE_BY=batch``) the script
+  requeues instead, after the save or when the save runs out of time.
 - SIGTERM (``scontrol requeue``, preemption, ``scancel``): save and exit; Slurm
   requeues or ends the job itself.
 All ranks must stop at the same step, so the flag is agreed on collectively.
@@ -12,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 
 import torch
 import torch.distributed as dist
@@ -41,11 +44,15 @@ class StopSignals:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if t.item() and self.signal_name is None:
                 self.signal_name = "SIGUSR1" if t.item() == 2 else "SIGTERM"
-            return bool(t.item())
+            flag = bool(t.item())
+        if flag:
+            _fault_slow_save()
         return flag
 
     def requeue_if_asked(self, is_main: bool) -> None:
         job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("STAR_SCALE_REQUEUE_BY") == "batch":
+            return
         if self.signal_name != "SIGUSR1" or not is_main or not job:
             return
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -57,3 +64,11 @@ class StopSignals:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _fault_slow_save() -> None:
+    """Fault injection for tests: STAR_SCALE_FAULT_SLOW_SAVE=SECONDS makes the signal-triggered save that slow."""
+    delay = float(os.environ.get("STAR_SCALE_FAULT_SLOW_SAVE", 0) or 0)
+    if delay > 0:
+        log.warning("fault injection: the signal-triggered checkpoint takes %.0f s longer", delay)
+        time.sleep(delay)

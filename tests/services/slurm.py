@@ -46,6 +46,15 @@ class LocalSlurm:
             time.sleep(0.5)
         raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout} s")
 
+    def start_requeued_now(self, job: str, timeout: float = 300) -> None:
+        """Slurm holds a requeued job about 2 minutes (BeginTime) before it may restart; tests need not wait."""
+        deadline = time.monotonic() + timeout
+        while self.job_state(job) != "PENDING":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job} was not requeued: {self.job_state(job)}")
+            time.sleep(0.2)
+        self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
     def stop(self) -> None:
         subprocess.run([str(ROOT / "cluster/local/stop.sh"), self.dir], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)

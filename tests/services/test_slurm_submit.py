@@ -56,6 +56,7 @@ def test_requeue_mid_training_resumes_to_the_same_losses(slurm, token_npz, tmp_p
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
     slurm.run("scontrol", "requeue", job)
+    slurm.start_requeued_now(job)
     assert slurm.wait(job) == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()[-5000:]
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert "restart 1" in log and "received SIGTERM" in log
