@@ -10,8 +10,11 @@ setup(
     packages=find_packages(include=["star_scale", "star_scale.*", "tokenize_data", "tokenize_data.*"]),
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",  # install with DS_BUILD_OPS=0 on CPU (the Makefile does)
-        "megatron-core>=0.12",
+        # The tested minor versions only: star_scale/parallel/ relies on their internals
+        # (ZeRO-3 partitions and fp32 shards, megatron's parallel state); parallel/versions.py
+        # checks the same bounds and every name used at start-up.
+        "deepspeed>=0.19,<0.20",  # install with DS_BUILD_OPS=0 on CPU (the Makefile does)
+        "megatron-core>=0.16,<0.17",
         "mlflow>=2.16",
         "zarr>=3",
         "pyyaml",

@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from star_scale.config import ConfigError
     from star_scale.parallel.launch import strip_launcher_args
+    from star_scale.parallel.versions import VersionError
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))  # deepspeed adds --local_rank
     # Subcommands with their own parsers get their arguments verbatim (argparse's
@@ -174,6 +175,9 @@ def main(argv=None) -> int:
         print(f"star-scale: config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
+        print(f"star-scale: error: {e}", file=sys.stderr)
+        return 2
+    except VersionError as e:
         print(f"star-scale: error: {e}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,9 @@ def select_engine(cfg):
     checkpoints move between the two through their consolidated form.
     """
     if detect().world_size > 1 or cfg.parallel.tp > 1:
+        from star_scale.parallel.versions import check_versions
+
+        check_versions()  # one line naming package, version and missing name; before DeepSpeed is imported
         from star_scale.parallel.engine import DeepSpeedEngine
         return DeepSpeedEngine
     from star_scale.train.local_engine import LocalEngine
