@@ -15,7 +15,8 @@ positions per sequence (``masks.sample_positions``: K distinct image positions
 - Negatives (both terms) [documented choice]: the teacher features at the
   sampled positions of every view of every *other* image of the global batch,
   i.e. (N_global - 1) * M * K candidates per anchor, gathered across the
-  data-parallel ranks by ``gather_negatives``.  The anchor's own image never
+  data-parallel ranks by ``gather_negatives`` and across the micro-batches of
+  gradient accumulation (``STARModule.begin_step``).  The anchor's own image never
   contributes negatives, and the other positives of a multi-positive anchor
   are not negatives of its pairs.
 - Teacher features are the raw middle-layer block outputs (no projector).
@@ -98,7 +99,7 @@ def gather_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _negative_bank(teacher_sampled: torch.Tensor, group=None):
+def negative_bank(teacher_sampled: torch.Tensor, group=None):
     """(b, M, K, W) local sampled teacher features -> (bank (Q, W), owner (Q,), local image ids (b,))."""
     b, m, k, w = teacher_sampled.shape
     gathered, offset = gather_negatives(teacher_sampled.reshape(b, m * k, w), group)
@@ -109,18 +110,22 @@ def _negative_bank(teacher_sampled: torch.Tensor, group=None):
 
 def contrastive_losses(anchors: torch.Tensor, teacher_hidden: torch.Tensor, positions: torch.Tensor,
                        temperature: float, *, step: bool = True, view: bool = True,
-                       group=None) -> dict:
+                       group=None, bank: Optional[tuple] = None) -> dict:
     """L_step and/or L_view with their accuracies.
 
     anchors: (b, M, K, W) projected student states at ``positions``;
     teacher_hidden: (b, M, S, W) teacher middle-layer states (no gradient);
-    positions: (b, M, K) sampled positions per sequence.
+    positions: (b, M, K) sampled positions per sequence;
+    bank: ``negative_bank`` of the whole step's batch (the module prepares it
+    once per optimizer step, so every micro-batch sees the same negatives),
+    with the third entry the global image ids of these b images; None: this
+    call's own images form the bank.
     Returns a dict with loss_step/acc_step and/or loss_view/acc_view.
     """
     b, m, k, w = anchors.shape
     teacher_hidden = teacher_hidden.detach()
     t_sampled = gather_at(teacher_hidden.flatten(0, 1), positions.flatten(0, 1)).view(b, m, k, w)
-    bank, owner, mine = _negative_bank(t_sampled, group)
+    bank, owner, mine = bank if bank is not None else negative_bank(t_sampled, group)
     # Anchor row (n, m, i) may use bank column q iff q belongs to another image.
     neg_mask = (owner[None, :] != mine[:, None]).repeat_interleave(m * k, dim=0)  # (b*M*K, Q)
     flat_anchors = anchors.reshape(b * m * k, w)

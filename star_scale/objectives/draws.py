@@ -36,3 +36,14 @@ def set_step_draws(module, seed: int, step: int, first: int, total: int) -> None
     """Engines call this before each micro-batch forward (a module without draws ignores it)."""
     if hasattr(module, "draws"):
         module.draws = StepDraws(seed, step, first, total)
+
+
+def begin_step(module, tokens, labels, micro_batch: int) -> None:
+    """Engines call this once per optimizer step, after set_step_draws for the rank's first image."""
+    if hasattr(module, "begin_step"):
+        module.begin_step(tokens, labels, micro_batch)
+
+
+def end_step(module) -> None:
+    if hasattr(module, "end_step"):
+        module.end_step()

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from star_scale.config import Config, ObjectiveConfig
 from star_scale.models.gpt import GPT
-from star_scale.objectives.contrastive import Projector, contrastive_losses, gather_at
+from star_scale.objectives.contrastive import Projector, contrastive_losses, gather_at, negative_bank
 from star_scale.objectives.draws import MASK, POSITIONS
 from star_scale.objectives.masks import mim_key_mask, sample_positions
 from star_scale.objectives.mim import cosine_similarity, last_layer_features
@@ -123,10 +123,11 @@ class STARModule(nn.Module):
         extras: dict = {}
         if self.teacher is None:
             return terms, extras
-        tout = self.teacher(inp, lab, return_layers=layers)
+        batch = self._batch_rows(b)  # teacher outputs and negatives prepared for the whole step, or None
+        teacher_hidden = batch["hidden"] if batch else self.teacher(inp, lab, return_layers=layers).hidden
 
         with torch.no_grad():
-            ft = last_layer_features(self.teacher.model, tout.hidden[last], o.mim_features)
+            ft = last_layer_features(self.teacher.model, teacher_hidden[last], o.mim_features)
         if self.mim:
             cos = cosine_similarity(last_layer_features(self.student, out.hidden[last], o.mim_features), ft)
             terms["loss_mim"] = (1.0 - cos).mean()
@@ -141,8 +142,9 @@ class STARModule(nn.Module):
             scores = draws.uniform(POSITIONS, b, m, s - 1, dev) if draws else None
             pos = sample_positions(b * m, s, k, device=dev, scores=scores)
             anchors = self.projector(gather_at(out.hidden[self.layer], pos)).view(b, m, k, w)
-            c = contrastive_losses(anchors, tout.hidden[self.layer].view(b, m, s, w), pos.view(b, m, k),
-                                   o.temperature, step=self.step, view=self.view, group=self.negatives_group)
+            c = contrastive_losses(anchors, teacher_hidden[self.layer].view(b, m, s, w), pos.view(b, m, k),
+                                   o.temperature, step=self.step, view=self.view, group=self.negatives_group,
+                                   bank=batch["bank"] if batch else None)
             for name in ("step", "view"):
                 if f"loss_{name}" in c:
                     terms[f"loss_{name}"] = c[f"loss_{name}"]
@@ -159,6 +161,55 @@ class STARModule(nn.Module):
         if contrastive:
             loss = loss + o.contrastive_weight * sum(contrastive) / 2
         return loss
+
+    def begin_step(self, tokens: torch.Tensor, labels: torch.Tensor, micro_batch: int) -> None:
+        """Before the micro-batches of one optimizer step: the teacher over this rank's whole batch, once.
+
+        Its sampled features, gathered over the data-parallel ranks, are every
+        micro-batch's negatives: those of the whole global batch, so gradient
+        accumulation does not change the objective (1 x 32 and 2 x 16 give the
+        same loss and gradients). The micro-batches reuse these teacher outputs
+        instead of running the teacher again: the same teacher FLOPs, at the
+        cost of holding two layers of teacher states for the rank's batch.
+        Needs the engine's draws for the batch's first image (set_step_draws).
+        """
+        self._batch = None
+        if self.teacher is None or self.draws is None:
+            return
+        b, m, t = tokens.shape
+        last = self.student.args.layers
+        layers = (last, self.layer) if self.contrastive else (last,)
+        parts = {layer: [] for layer in layers}
+        for start in range(0, b, micro_batch):
+            seq = tokens[start:start + micro_batch].reshape(-1, t)
+            out = self.teacher(seq[:, :-1], labels[start:start + micro_batch].repeat_interleave(m), return_layers=layers)
+            for layer in layers:
+                parts[layer].append(out.hidden[layer])
+        hidden = {layer: torch.cat(v) for layer, v in parts.items()}
+        bank = None
+        if self.contrastive:
+            k, w = self.objective.positions, self.student.args.width
+            scores = self.draws.uniform(POSITIONS, b, m, t - 1, tokens.device)
+            pos = sample_positions(b * m, t, k, device=tokens.device, scores=scores)
+            bank = negative_bank(gather_at(hidden[self.layer], pos).view(b, m, k, w), self.negatives_group)
+        self._batch = {"first": self.draws.first, "images": b, "views": m, "hidden": hidden, "bank": bank}
+
+    def end_step(self) -> None:
+        self._batch = None
+
+    def _batch_rows(self, images: int):
+        """The prepared step's teacher states and negatives for the current micro-batch, or None."""
+        batch = getattr(self, "_batch", None)
+        if batch is None or self.draws is None:
+            return None
+        i = self.draws.first - batch["first"]
+        if not 0 <= i <= batch["images"] - images:
+            raise RuntimeError(f"micro-batch of images {self.draws.first}..+{images} is outside the prepared step")
+        m = batch["views"]
+        rows = slice(i * m, (i + images) * m)
+        bank = batch["bank"]
+        return {"hidden": {layer: h[rows] for layer, h in batch["hidden"].items()},
+                "bank": None if bank is None else (bank[0], bank[1], bank[2][i:i + images])}
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor):
         """tokens: (B, 2, T) codes (two crops per image); labels: (B,)."""

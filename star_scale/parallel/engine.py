@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from star_scale.config import Config
 from star_scale.models.gpt import GPT
-from star_scale.objectives.draws import set_step_draws
+from star_scale.objectives.draws import begin_step, end_step, set_step_draws
 from star_scale.parallel import checkpoint as dist_ckpt
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
@@ -93,6 +93,8 @@ class DeepSpeedEngine:
         if n != self.micro_batch * self.accumulation:
             raise ValueError(f"batch of {n} on this rank, expected {self.micro_batch} x {self.accumulation}")
         totals: dict = {}
+        set_step_draws(self.module, self.cfg.train.seed, self.step, self.dp_rank * n, n * self.dp_size)
+        begin_step(self.module, tokens, labels, self.micro_batch)
         for start in range(0, n, self.micro_batch):
             sl = slice(start, start + self.micro_batch)
             set_step_draws(self.module, self.cfg.train.seed, self.step, self.dp_rank * n + start, n * self.dp_size)
@@ -101,6 +103,7 @@ class DeepSpeedEngine:
             self.ds.step()  # steps the optimizer only at the accumulation boundary
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.accumulation
+        end_step(self.module)
         self.module.after_optimizer_step()  # the EMA teacher, shard by shard
         self.step += 1
         out = self._data_parallel_mean(totals)

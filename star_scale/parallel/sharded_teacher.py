@@ -30,7 +30,7 @@ import torch.nn as nn
 from star_scale.objectives.teacher import EMATeacher, ema_update_
 from star_scale.parallel.tensor_parallel import gather_full, shard
 from star_scale.parallel.tensor_parallel import partition_of as tp_partition
-from star_scale.parallel.zero_state import gather_partitions, partition_of
+from star_scale.parallel.zero_state import full_fp32, gather_partitions, partition_of
 
 
 def take_teacher(module: nn.Module):
@@ -140,10 +140,16 @@ class ReplicatedTeacher:
         return self
 
     def update(self, student: nn.Module) -> None:
-        # Student parameters are whole at stages 0-2 (bf16 in bf16 runs: promoted for the fp32 EMA).
+        # The EMA follows the optimizer's fp32 masters, not the bf16 weights of a bf16 run (whose rounding
+        # would accumulate into the teacher). At ZeRO-1/2 the masters are sharded over the data-parallel
+        # ranks: reading them whole is one fp32 all-gather of the student per step, only in bf16 runs.
         named = dict(student.named_parameters())
-        pairs = [(p, named[n].detach().float()) for n, p in self.model.named_parameters()]
+        pairs = [(p, self._master(named[n])) for n, p in self.model.named_parameters()]
         ema_update_([t for t, _ in pairs], [s for _, s in pairs], self.decay)
+
+    @staticmethod
+    def _master(p: torch.Tensor) -> torch.Tensor:
+        return p.detach() if p.dtype == torch.float32 else full_fp32(None, p)
 
     def copy_from(self, student: nn.Module) -> None:
         self.ema.copy_from(student)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from star_scale.config import Config
-from star_scale.objectives.draws import set_step_draws
+from star_scale.objectives.draws import begin_step, end_step, set_step_draws
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class LocalEngine:
         n = tokens.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict = {}
+        set_step_draws(self.module, self.cfg.train.seed, self.step, 0, n)
+        with self.autocast():
+            begin_step(self.module, tokens, labels, self.micro_batch)
         for start in range(0, n, self.micro_batch):
             sl = slice(start, start + self.micro_batch)
             weight = (min(n, start + self.micro_batch) - start) / n
@@ -91,6 +94,7 @@ class LocalEngine:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * weight
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * weight
+        end_step(self.module)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
         self.optimizer.step()

@@ -9,6 +9,7 @@ so a dead rank fails a test instead of hanging it.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +44,17 @@ def torchrun_cmd(nproc: int, *args: str, port: int) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
 
 
-_PORTS = iter(range(29700, 29800))
+def free_port() -> int:
+    """A port nobody listens on now (fixed ports collide with other test runs on the same machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_torchrun(nproc: int, *args: str, log: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run one launch to completion; its combined output goes to ``log`` (shown on failure)."""
     with open(log, "w") as f:
-        out = subprocess.run(torchrun_cmd(nproc, *args, port=next(_PORTS)), env=dist_env(), cwd=ROOT,
+        out = subprocess.run(torchrun_cmd(nproc, *args, port=free_port()), env=dist_env(), cwd=ROOT,
                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout, **popen)
     if out.returncode:
         tail = log.read_text()[-6000:]

@@ -40,3 +40,16 @@ def test_sharded_teacher_is_the_ema_of_the_gathered_student(dp2):
     star = dp2["star"]
     assert star["teacher_moved"] > 1e-3  # decay 0.9 over 20 steps: far from its start
     assert star["teacher_max_diff"] <= 1e-6
+
+
+def test_accumulation_and_ranks_together_match_one_process(dp2):
+    """2 ranks x 2 micro-batches see the negatives of the whole global batch, as one process with none."""
+    np.testing.assert_allclose(dp2["star_accum"]["losses"], common.reference_losses("star"), rtol=1e-5, atol=0)
+
+
+def test_zero2_bf16_teacher_is_the_ema_of_the_fp32_masters(dp2):
+    """At ZeRO-2 in bf16 the replicated teacher follows the optimizer's fp32 masters exactly (the bf16
+    weights would differ by their rounding, ~1e-3 of a weight, every step)."""
+    run = dp2["star_zero2_bf16"]
+    assert run["teacher_moved"] > 1e-3
+    assert run["teacher_max_diff"] <= 1e-6

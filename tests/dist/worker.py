@@ -5,7 +5,8 @@
 Scenarios:
   dp2      2 ranks, ZeRO-3: ar and star losses on fixed global batches; the gathered
            teacher against an EMA of the gathered student history; ar with activation
-           checkpointing; star at ZeRO-2 (whole teacher replica).
+           checkpointing; star at ZeRO-2 (whole teacher replica); star with 2 micro-batches per
+           rank (negatives over the whole global batch); star at ZeRO-2 in bf16 (EMA of the masters).
   tp2dp2   4 ranks, TP = 2 x DP = 2: TP logits/gradients against the dense model;
            ar and star runs as above; a checkpoint of the star run at step 10.
   resume1  1 rank: the tp2dp2 checkpoint (other world, other TP) continued to step 20.
@@ -108,6 +109,8 @@ def main() -> None:
         results["star"] = run("star", 2, 1)
         results["ar_recompute"] = run("ar", 2, 1, "parallel.activation_checkpointing=true")
         results["star_zero2"] = run("star", 2, 1, "parallel.zero_stage=2")
+        results["star_accum"] = run("star", 2, 1, "data.micro_batch=2")  # 2 ranks x 2 micro-batches of 2
+        results["star_zero2_bf16"] = run("star", 2, 1, "parallel.zero_stage=2", "train.precision=bf16")
     elif scenario == "tp2dp2":
         results["tp_check"] = tp_check()
         results["ar"] = run("ar", 4, 2)
