@@ -129,6 +129,7 @@ class TrainConfig:
     out_dir: str = "runs/{name}"
     probe_every: int = 0  # live linear probe of the middle layer every N steps (0: off), logged as probe_acc
     probe_images: int = 2048  # first N images of the store, 80/20 train/val split, crop 0
+    check_every: int = 100  # TP > 1: every N steps, check that the TP-replicated parameters agree (0: off)
 
 
 @dataclass

@@ -49,6 +49,7 @@ from star_scale.parallel.zero_state import (
     set_full,
 )
 from star_scale.train.checkpoint import CheckpointDir
+from star_scale.train.rng import fresh_rng_state
 
 log = logging.getLogger(__name__)
 FORMAT = DISTRIBUTED
@@ -199,6 +200,21 @@ def _verify(d: Path, rank: int, world: int) -> Optional[str]:
     return found[0] if found else None
 
 
+def _trainer_file_after_relayout(d: Path, old: dict, L) -> tuple[Path, bool]:
+    """The trainer state a rank takes when the layout changed: (file, whether it needs fresh RNG streams).
+
+    Loader cursors agree across ranks. RNG streams (dropout) must be shared by the
+    ranks of one tensor-parallel group and differ across data-parallel ranks, as
+    in an unbroken run: data-parallel rank d takes the streams of the old layout's
+    data-parallel rank d (its first TP rank: ranks are dp_rank * tp + tp_rank),
+    and a data-parallel rank the old layout did not have gets fresh streams
+    from (seed, step, d).
+    """
+    if L.dp_rank < old["dp"]:
+        return d / "trainer" / f"rank_{L.dp_rank * old['tp']:05d}.pt", False
+    return d / "trainer" / f"rank_{0:05d}.pt", True
+
+
 def load_latest(engine, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
     """Restore the engine from the newest whole checkpoint; (step, this rank's trainer state) or None."""
     L = engine.layout
@@ -216,8 +232,12 @@ def load_latest(engine, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
             local = torch.load(d / "engine.pt", map_location="cpu", weights_only=False)
             load_consolidated(engine, from_local(local, engine.module))
             del local
-            return step, torch.load(d / "trainer.pt", map_location="cpu", weights_only=False)
+            trainer_state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=False)
+            if L.dp_rank:  # one process had one stream: the other data-parallel ranks need their own
+                trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
+            return step, trainer_state
         old = meta["layout"]
+        fresh = False
         if old == layout_of(engine):
             path, _ = engine.ds.load_checkpoint(str(d), tag="ds", load_optimizer_states=True,
                                                 load_lr_scheduler_states=False, load_module_strict=True)
@@ -234,8 +254,9 @@ def load_latest(engine, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
             state = torch.load(d / "consolidated.pt", map_location="cpu", mmap=True, weights_only=True)
             load_consolidated(engine, state)
             del state
-            # Loader cursors agree across ranks; RNG streams: the same rank's when it existed.
-            trainer_file = d / "trainer" / f"rank_{min(L.rank, old['world'] - 1):05d}.pt"
+            trainer_file, fresh = _trainer_file_after_relayout(d, old, L)
         trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=False)
+        if fresh:
+            trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
         return step, trainer_state
     return None

@@ -35,6 +35,7 @@ from star_scale.parallel import checkpoint as dist_ckpt
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
 from star_scale.parallel.mpu import MegatronMPU
+from star_scale.parallel.replicas import check_replicas
 from star_scale.parallel.sharded_teacher import ReplicatedTeacher, ShardedTeacher, install_teacher, take_teacher
 from star_scale.parallel.tensor_parallel import LayerFactory, tensor_parallelize
 from star_scale.train.checkpoint import CheckpointDir
@@ -106,6 +107,9 @@ class DeepSpeedEngine:
         end_step(self.module)
         self.module.after_optimizer_step()  # the EMA teacher, shard by shard
         self.step += 1
+        every = self.cfg.train.check_every
+        if every and self.layout.tp > 1 and self.step % every == 0:
+            check_replicas(self.module, self.layout.tp_group)
         out = self._data_parallel_mean(totals)
         norm = self.ds.get_global_grad_norm()
         if norm is not None:  # DeepSpeed does not compute it at ZeRO stage 0

@@ -24,6 +24,7 @@ from star_scale.objectives.module import build_training_module
 from star_scale.parallel.launch import cpu_summary, detect, is_main_process
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.train.preemption import StopSignals
+from star_scale.train.rng import rng_state, set_rng_state
 from star_scale.train.throughput import Meter, memory_stats
 from star_scale.train.tracking import make_tracker
 
@@ -44,21 +45,6 @@ def select_engine(cfg):
         return DeepSpeedEngine
     from star_scale.train.local_engine import LocalEngine
     return LocalEngine
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:

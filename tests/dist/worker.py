@@ -10,6 +10,7 @@ Scenarios:
   tp2dp2   4 ranks, TP = 2 x DP = 2: TP logits/gradients against the dense model;
            ar and star runs as above; a checkpoint of the star run at step 10.
   resume1  1 rank: the tp2dp2 checkpoint (other world, other TP) continued to step 20.
+  tp2_perturb  2 ranks, TP = 2: the replica check before and after one rank's norm weight moves.
 """
 from __future__ import annotations
 
@@ -101,6 +102,26 @@ def resume1(ckpt_dir: Path) -> dict:
     return {"resumed_at": step, "losses": losses}
 
 
+def tp2_perturb() -> dict:
+    """The TP replica check passes on a fresh TP 2 engine, then fails once one rank's copy of a norm moves."""
+    from star_scale.parallel.replicas import ReplicaMismatch, check_replicas
+
+    cfg = common.config("ar", "parallel.tp=2", world=2)
+    engine = DeepSpeedEngine(common.build(cfg), cfg)
+    out = {}
+    for when in ("before", "after"):
+        try:
+            check_replicas(engine.module, engine.layout.tp_group)
+            out[when] = "agree"
+        except ReplicaMismatch as e:
+            out[when] = str(e)
+        if when == "before" and engine.layout.tp_rank == 1:
+            weight = dict(engine.module.named_parameters())["student.norm.weight"]
+            with torch.no_grad():
+                (weight.ds_tensor if hasattr(weight, "ds_tensor") else weight).add_(1e-3)
+    return out
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     results = {}
@@ -115,6 +136,8 @@ def main() -> None:
         results["tp_check"] = tp_check()
         results["ar"] = run("ar", 4, 2)
         results["star"] = run("star", 4, 2, ckpt_dir=out_dir / "ckpt")
+    elif scenario == "tp2_perturb":
+        results = tp2_perturb()
     elif scenario == "resume1":
         results["star"] = resume1(out_dir / "ckpt")
     else:
