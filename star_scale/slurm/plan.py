@@ -1,4 +1,4 @@
-"""Per-GPU memory estimate of a recipe's parallel layout (`star-scale plan RECIPE`).
+"""Per-GPU memory estimate of a recipe's parallel layout (`star-scale plan RECIPE`), and the cheapest layout that fits.
 
 Components, in bytes per rank:
 - weights, grads, optimizer: mixed precision on GPU keeps bf16 weights and
@@ -6,14 +6,20 @@ Components, in bytes per rank:
   parameter); fp32 on CPU keeps 4 + 4 + 8.  ZeRO stage 1 shards the optimizer
   over data-parallel ranks, 2 also the grads, 3 also the weights; TP splits
   everything by the tensor-parallel size.
-- teacher (ST-AR): fp32 EMA weights, sharded like the student's weights under
-  ZeRO-3 (and TP).
-- activations: measured on this model: a block saves about 12 x width + 4 x FFN
-  hidden values per token (norms, q/k/v, attention output, SwiGLU, dropout
-  masks), the head saves 4 x width + vocab; activation checkpointing keeps only
-  each block's input plus one block's worth during recomputation.
+- teacher (ST-AR): under ZeRO-3 its fp32 EMA masters plus the bf16 partition
+  its forward gathers from (4 + 2 bytes per parameter, sharded); at ZeRO 0-2 a
+  whole fp32 copy (4 bytes, split by TP only).
+- activations (bf16, per token and block, checked against CPU bf16 autocast on
+  the tiny preset): the two RMSNorms keep their fp32 input cast and bf16
+  output, and the two dropout masks, unsplit by TP (no sequence parallelism):
+  14 x width bytes; q/k/v, the fp32 RoPE casts of q and k, the attention
+  output and the SwiGLU intermediates are split: (16 x width + 8 x FFN) / TP.
+  The head keeps fp32 logits and their softmax (vocab / TP). Activation
+  checkpointing keeps each block's input plus one block's worth during
+  recomputation. fp32 on CPU: (12 x width + 4 x FFN) x 4 bytes, as measured.
+- autocast copies: bf16 casts of one micro-batch's weights, kept for backward.
 - zero3_gather: under ZeRO-3, the full bf16 weights of the layers being
-  gathered (one block plus one prefetched).
+  gathered (one block plus one prefetched; the teacher's too).
 - runtime: CUDA context, NCCL buffers and allocator slack (a flat 3 GiB on GPU).
 """
 from __future__ import annotations
@@ -63,20 +69,28 @@ def estimate(cfg: Config, gpus: int, gpu: bool = True) -> MemoryPlan:
     views = 2 if star else 1
     micro = cfg.data.micro_batch or cfg.data.global_batch // dp
     tokens = micro * views * a.seq_len
-    act_bytes = 2 if gpu else 4
-    per_block = (12 * a.width + 4 * a.ffn_hidden) / tp * act_bytes
-    if p.activation_checkpointing:
-        blocks = a.layers * a.width * act_bytes + per_block
+    w, f = a.width, a.ffn_hidden
+    if gpu:
+        per_block = 14 * w + (16 * w + 8 * f) / tp
+        block_input = 2 * w
+        casts = n_local * 2
     else:
-        blocks = a.layers * per_block
-    head = (4 * a.width + a.vocab_size / tp) * 4  # fp32 logits and their softmax
+        per_block = (12 * w + 4 * f) / tp * 4
+        block_input = 4 * w
+        casts = 0.0
+    blocks = (a.layers * block_input + per_block) if p.activation_checkpointing else a.layers * per_block
+    head = (4 * w + a.vocab_size / tp) * 4  # fp32 logits and their softmax
+    zero3 = p.zero_stage >= 3
+    teacher = 0.0
+    if star:
+        teacher = n_local * (4 + (2 if gpu else 0)) / dp if zero3 else n_local * 4
     return MemoryPlan(
-        weights=n_local * w_bytes / (dp if p.zero_stage >= 3 else 1),
+        weights=n_local * w_bytes / (dp if zero3 else 1),
         grads=n_local * g_bytes / (dp if p.zero_stage >= 2 else 1),
         optimizer=n_local * opt_bytes / (dp if p.zero_stage >= 1 else 1),
-        teacher=(n_local * 4 / (dp if p.zero_stage >= 3 else 1)) if star else 0.0,
-        activations=tokens * (blocks + head),
-        zero3_gather=2 * block / tp * w_bytes if p.zero_stage >= 3 and dp > 1 else 0.0,
+        teacher=teacher,
+        activations=tokens * (blocks + head) + casts,
+        zero3_gather=(2 if star else 1) * 2 * block / tp * w_bytes if zero3 and dp > 1 else 0.0,
         runtime=3 * GIB if gpu else 0.0,
     )
 
@@ -99,6 +113,57 @@ def format_plan(cfg: Config, plan: MemoryPlan, gpus: int, limit_gib: float = 80.
     return "\n".join(lines)
 
 
+HEADROOM = 0.9  # suggestions leave 10% of the GPU for fragmentation and what the estimate misses
+MIN_MICRO = 8  # sequences per micro batch below which a GPU idles on small kernels
+
+
+def suggest(cfg: Config, gpu_gib: float = 80.0) -> tuple[dict, MemoryPlan]:
+    """The cheapest layout of this recipe's ranks that fits: overrides and their plan.
+
+    Cheapest, in order: no activation recompute (+1/3 compute), the smallest TP
+    (all-reduces in every block), ZeRO-2 before ZeRO-3 (which gathers the
+    weights every step), then the largest micro batch (fewer, fuller kernels).
+    ZeRO-1 is not offered: its gradient all-reduce moves the same bytes as
+    ZeRO-2's reduce-scatter while keeping whole gradients on every rank.
+    """
+    gpus, heads = cfg.cluster.world_size(), cfg.model_dims()[1]
+    tps = [tp for tp in (1, 2, 4, 8) if heads % tp == 0 and cfg.cluster.ranks_per_node() % tp == 0]
+    for smallest in (MIN_MICRO, 1):  # first without micro batches too small to fill a GPU
+        found = _search(cfg, gpus, tps, smallest, gpu_gib)
+        if found:
+            return found
+    raise ValueError(f"{cfg.name}: no layout of {gpus} GPUs fits in {gpu_gib:g} GB; add nodes (cluster.nodes)")
+
+
+def _search(cfg: Config, gpus: int, tps: list[int], smallest: int, gpu_gib: float):
+    for recompute in (False, True):
+        for tp in tps:
+            dp = gpus // tp
+            if cfg.data.global_batch % dp:
+                continue
+            per_rank = cfg.data.global_batch // dp
+            micros = [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and m >= min(smallest, per_rank)]
+            for stage in (2, 3):
+                for micro in micros:
+                    over = {"parallel.tp": tp, "parallel.zero_stage": stage, "data.micro_batch": micro,
+                            "parallel.activation_checkpointing": recompute}
+                    trial = _with(cfg, over)
+                    plan = estimate(trial, gpus)
+                    if plan.total < HEADROOM * gpu_gib * GIB:
+                        return over, plan
+    return None
+
+
+def _with(cfg: Config, overrides: dict) -> Config:
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -108,6 +173,9 @@ def main(argv=None) -> int:
                                  "(weights, grads, optimizer, teacher, activations) against the GPU's memory.")
     ap.add_argument("recipes", nargs="+", help="YAML recipes")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit in (default 80)")
+    ap.add_argument("--suggest", action="store_true", help="also print the cheapest layout of the recipe's GPUs "
+                    "that fits with 10%% headroom: no recompute, then the smallest TP, ZeRO-2 before 3, the "
+                    "largest micro batch")
     args = ap.parse_args(argv)
     worst = 0.0
     for r in args.recipes:
@@ -117,4 +185,10 @@ def main(argv=None) -> int:
         plan = estimate(cfg, gpus)
         worst = max(worst, plan.total / GIB)
         print(format_plan(cfg, plan, gpus, args.gpu_gib))
+        if args.suggest:
+            over, best = suggest(cfg, args.gpu_gib)
+            same = all(str(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])).lower() == str(v).lower()
+                       for k, v in over.items())
+            print(f"  suggested: {' '.join(f'{k}={v}' for k, v in over.items())} ({best.total / GIB:.2f} GiB)"
+                  + (" = this recipe" if same else ""))
     return 0 if worst < args.gpu_gib else 1

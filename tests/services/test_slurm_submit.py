@@ -65,7 +65,7 @@ def test_requeue_mid_training_resumes_to_the_same_losses(slurm, token_npz, tmp_p
 
 @pytest.mark.parametrize("args,message", [
     (["recipes/missing.yaml"], "recipe 'recipes/missing.yaml': file not found"),
-    (["recipes/3B-star.yaml", "cluster.gpus_per_node=3"], "parallel.tp=2 does not divide the 3 ranks per node"),
+    (["recipes/3B-star.yaml", "parallel.tp=2", "cluster.gpus_per_node=3"], "parallel.tp=2 does not divide the 3 ranks per node"),
     (["recipes/tiny-ar.yaml", "--partition", "nope"], "cluster.partition='nope' does not exist on this cluster"),
 ])
 def test_bad_submissions_fail_before_sbatch(slurm, args, message):
