@@ -89,7 +89,7 @@ def save_window(cfg: Config) -> SaveWindow:
                 f"{nbytes / 1e9:.1f} GB on rank 0's node, about {seconds:.0f} s at cluster.ckpt_write_gbs="
                 f"{c.ckpt_write_gbs:g} with x{SAVE_MARGIN:g} margin")
         signal_seconds = needed
-    if limit is not None and signal_seconds > limit / 2:
+    if limit is not None and needed > limit / 2:
         raise ConfigError(f"cluster.time={c.time}: a checkpoint needs about {needed} s before the limit "
                           f"({nbytes / 1e9:.1f} GB at cluster.ckpt_write_gbs={c.ckpt_write_gbs:g}), more than half "
                           "of the job; expected a longer cluster.time or a faster filesystem")
