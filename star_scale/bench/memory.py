@@ -8,6 +8,12 @@ optimizer's fp32 master partitions and AdamW moments.  Gradients and
 activations are not counted.  The last line is ``ratio zero3-2/1 = X`` (the
 larger rank at N = 2 over the single rank; 0.5 is perfect partitioning).
 
+``--startup`` measures instead the peak resident memory each rank reaches while
+building the model, the training module and the engine (over what the process
+held after its imports), and prints ``ratio startup-rss-2/1 = Y``: 0.5 would
+mean start-up memory is partitioned too; today every rank builds the whole
+fp32 model (and ST-AR's teacher copy) before sharding, so Y is near 1.
+
 The default model is preset B (111M parameters) on a 4 x 4 token grid:
 parameter memory does not depend on the grid, and at B size the parameters
 ZeRO-3 keeps whole (norm weights) are negligible, as at training scale.
@@ -50,6 +56,13 @@ def measure(engine) -> dict:
     return out
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory so far, bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(out: str, overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
@@ -63,16 +76,26 @@ def worker(out: str, overrides: list[str]) -> None:
     world = int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, overrides, world_size=world)
     torch.manual_seed(0)
+    before = peak_rss()
     module = build_training_module(cfg, build_model(cfg))
     engine = DeepSpeedEngine(module, cfg)
+    startup = peak_rss() - before
     t = cfg.model.grid_size ** 2
     b = cfg.data.global_batch // engine.dp_size
     engine.train_step(torch.randint(0, cfg.model.vocab_size, (b, module.views, t)), torch.zeros(b, dtype=torch.long))
     ranks = [None] * world
-    dist.all_gather_object(ranks, measure(engine))
+    dist.all_gather_object(ranks, {**measure(engine), "startup_rss": startup})
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(ranks))
     shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(n: int, overrides: list[str], tmp: Path) -> list[dict]:
@@ -83,7 +106,7 @@ def launch(n: int, overrides: list[str], tmp: Path) -> list[dict]:
                PYTHONWARNINGS="ignore", DEEPSPEED_TIMEOUT=os.environ.get("DEEPSPEED_TIMEOUT", "5"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(29850 + n), "-m", "star_scale.bench.memory", "--worker", str(out), "--", *overrides]
+           str(free_port()), "-m", "star_scale.bench.memory", "--worker", str(out), "--", *overrides]
     log = tmp / f"launch{n}.log"
     with open(log, "w") as f:
         code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -98,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="B", help="model preset (default B)")
     p.add_argument("--grid-size", type=int, default=4, help="tokens per side (memory of weights does not depend on it)")
     p.add_argument("--objective", default="ar", choices=["ar", "star"], help="star also reports the sharded teacher")
+    p.add_argument("--startup", action="store_true", help="peak RSS per rank while building model, module and "
+                   "engine (N = 1 vs 2); last line `ratio startup-rss-2/1 = Y`")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = p.parse_args(argv)
@@ -110,6 +135,13 @@ def main(argv=None) -> int:
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="bench-memory.") as tmp:
         results = {n: launch(n, overrides, Path(tmp)) for n in (1, 2)}
+    if args.startup:
+        for n, ranks in results.items():
+            for r, m in enumerate(ranks):
+                print(f"startup N={n} rank {r}: peak RSS +{m['startup_rss'] / mib:8.1f} MiB")
+        peak = {n: max(m["startup_rss"] for m in ranks) for n, ranks in results.items()}
+        print(f"ratio startup-rss-2/1 = {peak[2] / peak[1]:.3f}")
+        return 0
     totals = {}
     for n, ranks in results.items():
         for r, m in enumerate(ranks):

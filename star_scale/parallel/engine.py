@@ -65,17 +65,18 @@ class DeepSpeedEngine:
 
         self.micro_batch, self.accumulation = batch_sizes(cfg, L.dp)
         self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
+        self.teacher = None
+        if ema is not None and cfg.parallel.zero_stage == 3:  # partitioned first: see ShardedTeacher
+            self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype, L.tp_group)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False)
         self.module = module
         self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
         self.zero_stage = self.ds.zero_optimization_stage()
-        self.teacher = None
         if ema is not None:
-            if self.zero_stage == 3:
-                self.teacher = ShardedTeacher(ema, module.student, teacher_config(self.ds_config), MegatronMPU(),
-                                              self.dtype, L.tp_group)
+            if self.teacher is not None:
+                self.teacher.start_from(module.student)
             else:
                 self.teacher = ReplicatedTeacher(ema, self.device, self.dtype, L.tp_group)
             install_teacher(module, self.teacher)

@@ -44,7 +44,10 @@ def install_teacher(module: nn.Module, teacher) -> None:
 
 
 class ShardedTeacher:
-    def __init__(self, ema: EMATeacher, student: nn.Module, ds_config: dict, mpu, dtype: torch.dtype, tp_group):
+    """Partitioned before the student's engine exists, so that the start-up never holds two whole copies:
+    the whole student and the teacher's partition, then the student's partitions (``start_from``)."""
+
+    def __init__(self, ema: EMATeacher, ds_config: dict, mpu, dtype: torch.dtype, tp_group):
         self.decay = ema.decay
         self.model = ema.model
         self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=mpu, dist_init_required=False)
@@ -54,9 +57,12 @@ class ShardedTeacher:
         self.params = [p for _, p in self.model.named_parameters()]
         # fp32 masters: the partitions themselves in fp32 runs, separate copies in bf16 runs.
         self.fp32 = dtype == torch.float32
-        if self.fp32:
-            self.masters = [p.ds_tensor for p in self.params]
-        else:  # the teacher starts as the student: take the student's fp32 partitions, not the bf16 cast
+        self.masters = [p.ds_tensor for p in self.params] if self.fp32 else None
+
+    def start_from(self, student: nn.Module) -> None:
+        """Once the student is partitioned: in bf16 runs the masters are the student's fp32 partitions
+        (the teacher starts as the student, not as its bf16 cast)."""
+        if not self.fp32:
             self.masters = [s.clone() for s in self._student_partitions(student)]
             self._refresh()
 
