@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from star_scale.config import Config, ConfigError, load_config, save_config
+from star_scale.trust.credentials import strip_credentials
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "cluster" / "templates"
 
@@ -98,7 +99,8 @@ def render(cfg: Config, train_args: list[str], experiment_id: str, template: Pat
         "TIME": c.time, "RUN_DIR": cfg.run_dir().resolve(), "SIGNAL_SECONDS": c.signal_seconds,
         "EXTRA_SBATCH": "\n".join(sbatch_options(c)), "EXPERIMENT_ID": shlex.quote(experiment_id),
         "WORKDIR": shlex.quote(str(Path.cwd())), "PYTHON": shlex.quote(sys.executable),
-        "ARGS": " ".join(shlex.quote(a) for a in train_args),
+        # The script lands in the run folder: credentials travel in the job's environment, not here.
+        "ARGS": " ".join(shlex.quote(strip_credentials(a)) for a in train_args),
     })
 
 
