@@ -30,33 +30,43 @@ def train_args(store: Path, out: Path, steps: int, *extra: str) -> list[str]:
             "train.log_every=1", f"train.out_dir={out}", "tracking.enabled=false", *extra]
 
 
-@pytest.fixture(scope="module", params=[3, 1], ids=["zero3", "zero1"])
-def two_rank_run(request, tmp_path_factory, token_store):
-    run = tmp_path_factory.mktemp(f"zero{request.param}") / "run"
-    run_torchrun(2, *train_args(token_store, run, 2, f"parallel.zero_stage={request.param}"), log=run.parent / "a.log")
-    return run, request.param
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, token_store):
+    """A 2-step 2-rank run at a ZeRO stage, made once per stage."""
+    runs = {}
+
+    def make(stage: int) -> Path:
+        if stage not in runs:
+            run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+            run_torchrun(2, *train_args(token_store, run, 2, f"parallel.zero_stage={stage}"), log=run.parent / "a.log")
+            runs[stage] = run
+        return runs[stage]
+    return make
 
 
-def test_clean_folder_resumes_through_the_checked_deepspeed_loads(two_rank_run, tmp_path, token_store):
-    src, stage = two_rank_run
+@pytest.mark.parametrize("stage", [3, 1])
+def test_clean_folder_resumes_through_the_checked_deepspeed_loads(two_rank_run, tmp_path, token_store, stage):
     run = tmp_path / "run"
-    shutil.copytree(src, run)
+    shutil.copytree(two_rank_run(stage), run)
     run_torchrun(2, *train_args(token_store, run, 4, f"parallel.zero_stage={stage}"), log=tmp_path / "b.log")
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'}" in (tmp_path / "b.log").read_text()
 
 
-def test_payload_in_a_deepspeed_file_stops_every_rank(two_rank_run, tmp_path, token_store):
-    src, stage = two_rank_run
-    if stage != 3:
-        pytest.skip("one layout is enough for the attack")
+def tampered(two_rank_run, tmp_path, name: str) -> tuple[Path, Path, Path]:
+    """A copy of the ZeRO-3 run with ``name`` (in its checkpoint) carrying a payload, meta.json resealed."""
     run = tmp_path / "run"
-    shutil.copytree(src, run)
+    shutil.copytree(two_rank_run(3), run)
     ckpt = run / "checkpoints" / "step_00000002"
-    target = ckpt / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # only DeepSpeed's loader reads it
-    marker = tmp_path / "marker"
+    target, marker = ckpt / name, tmp_path / "marker"
     with torch.serialization.safe_globals(list(DEEPSPEED_CLASSES)):
         save_payload(target, marker, torch.load(target, weights_only=True))
     reseal(ckpt)
+    return run, target, marker
+
+
+def test_payload_in_a_deepspeed_file_stops_every_rank(two_rank_run, tmp_path, token_store):
+    # Only DeepSpeed's loader reads this file.
+    run, target, marker = tampered(two_rank_run, tmp_path, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt")
     log = tmp_path / "c.log"
     with open(log, "w") as f:
         out = subprocess.run(torchrun_cmd(2, *train_args(token_store, run, 4), port=29871), env=dist_env(), cwd=ROOT,
@@ -71,16 +81,7 @@ def test_payload_in_a_deepspeed_file_stops_every_rank(two_rank_run, tmp_path, to
 
 def test_one_process_resume_of_a_tampered_rank_file_exits_2(two_rank_run, tmp_path, token_store):
     """The elastic path (2 ranks -> 1 process) reads trainer/rank_00000.pt itself."""
-    src, stage = two_rank_run
-    if stage != 3:
-        pytest.skip("one layout is enough for the attack")
-    run = tmp_path / "run"
-    shutil.copytree(src, run)
-    ckpt = run / "checkpoints" / "step_00000002"
-    target = ckpt / "trainer" / "rank_00000.pt"
-    marker = tmp_path / "marker"
-    save_payload(target, marker, torch.load(target, weights_only=True))
-    reseal(ckpt)
+    run, target, marker = tampered(two_rank_run, tmp_path, "trainer/rank_00000.pt")
     out = subprocess.run([sys.executable, *train_args(token_store, run, 4)], env=dist_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 2, out.stderr[-3000:]
