@@ -51,7 +51,7 @@ def _refusal(f, source: str, allowed, error: Exception) -> RefusedFile:
 
 def _code(source: str, names: list[str]) -> RefusedFile:
     return RefusedFile(source, f"refusing to unpickle {', '.join(names)}: loading it would run code from the file "
-                               "(pass --trust-pickle only if you trust its source)")
+                               "(pass --trust-pickle only if you trust its source)", names)
 
 
 def refuse_code(path: str | os.PathLike, allowed: Iterable = ()) -> None:
@@ -71,22 +71,25 @@ def load_torch(f: str | os.PathLike | io.BytesIO, *, allowed: Iterable = (), tru
                source: str | None = None, **kwargs):
     """``torch.load`` on CPU with ``weights_only=True`` plus ``allowed`` classes; ``RefusedFile`` otherwise.
 
-    ``trust_pickle`` (the user's ``--trust-pickle``, never a fallback chosen
-    here) unpickles in full, after a warning naming the globals.
+    ``trust_pickle`` (the user's ``--trust-pickle``, never a choice made here)
+    unpickles a file that holds more than that in full, after a warning naming
+    what it runs.
     """
     source = source or str(f)
     allowed = list(allowed)
     kwargs.setdefault("map_location", "cpu")
-    if trust_pickle:
-        names = unsafe_globals(f, allowed) if not isinstance(f, io.BytesIO) else []
-        log.warning("%s: --trust-pickle: unpickling in full%s", source, f" (runs {', '.join(names)})" if names else "")
-        return torch.load(f, weights_only=False, **kwargs)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(f, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        raise _refusal(f, source, allowed, e) from None
+        refusal = _refusal(f, source, allowed, e)
+        if not trust_pickle:
+            raise refusal from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, AttributeError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise _unreadable(source, e) from None
+    log.warning("%s: --trust-pickle: unpickling in full, which runs %s", source, ", ".join(refusal.names) or "?")
+    if isinstance(f, io.BytesIO):
+        f.seek(0)
+    return torch.load(f, weights_only=False, **kwargs)
