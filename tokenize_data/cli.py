@@ -6,6 +6,7 @@ import sys
 
 from star_scale.data import schema
 from tokenize_data.plan import JobError
+from tokenize_data.prepare import PATCH_SPEC
 from tokenize_data.report import verify
 from tokenize_data.run import run
 
@@ -57,7 +58,7 @@ def trusted_tokenizer(args, device: str):
     weights-only copy in the store)."""
     from star_scale.tokenizer import load_tokenizer
 
-    if args.tokenizer is None or str(args.tokenizer).startswith("patch-kmeans"):
+    if args.tokenizer is None or str(args.tokenizer).startswith(PATCH_SPEC):
         return args.tokenizer
     return load_tokenizer(args.tokenizer, device=device, image_size=args.image_size, trust_pickle=True)
 

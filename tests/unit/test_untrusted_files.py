@@ -81,6 +81,26 @@ def test_vq_tokenizer_payload_refused_by_tokenize(tmp_path):
     assert not marker.exists() and not (tmp_path / "t.zarr").exists()
 
 
+def test_tokenize_trust_pickle_loads_once_and_keeps_a_weights_only_copy(tmp_path):
+    from star_scale.data import schema
+    from star_scale.demo.data import make_demo_images
+    from star_scale.tokenizer import load_tokenizer
+    from star_scale.tokenizer.vq import vq_ds16
+
+    images = make_demo_images(tmp_path / "img", classes=2, per_class=1, size=36, seed=0)
+    marker = tmp_path / "marker"
+    evil = save_payload(tmp_path / "vq.pt", marker, {"model": vq_ds16(ch=32, codebook_size=64).state_dict()})
+    out = tmp_path / "t.zarr"
+    rc = subprocess.run([sys.executable, "-m", "star_scale.cli", "tokenize", str(images), str(out), "--tokenizer",
+                         str(evil), "--trust-pickle", "--image-size", "32", "--no-progress"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    assert marker.exists() and "--trust-pickle: unpickling in full, which runs shutil.copyfile" in rc.stderr
+    marker.unlink()
+    load_tokenizer(out / schema.TOKENIZER_FILE)  # the store's copy is weights only
+    assert not marker.exists()
+
+
 def test_vq_loader_trust_pickle_is_explicit(tmp_path):
     from star_scale.tokenizer import TokenizerError, load_tokenizer
     from star_scale.tokenizer.vq import vq_ds16
