@@ -63,10 +63,11 @@ def verified_loads(ds_engine, folder: Path, files: dict):
 
 
 def refusal(folder: Path, names: list[str]) -> tuple[str, str] | None:
-    """(file, reason) if one of ``names`` (manifest names in ``folder``) would run code when unpickled; reads no tensors.
+    """(file, reason) if one of ``names`` (manifest names in ``folder``) would run code when unpickled, else None.
 
-    Checked on every rank before any loading starts, so a replaced file stops
-    all ranks together instead of one rank while the others wait in a collective.
+    Reads each file's pickle record only, no tensors.  Checked on every rank
+    before any loading starts, so a replaced file stops all ranks together
+    instead of one rank while the others wait in a collective.
     """
     for name in names:
         try:

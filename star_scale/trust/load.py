@@ -56,7 +56,10 @@ def _code(source: str, names: list[str]) -> RefusedFile:
 
 def refuse_code(path: str | os.PathLike, allowed: Iterable = ()) -> None:
     """Raise ``RefusedFile`` if ``path``'s pickle names globals beyond weights and ``allowed``; loads nothing."""
-    names = unsafe_globals(path, allowed)
+    try:
+        names = unsafe_globals(path, allowed)
+    except (ValueError, RuntimeError, OSError) as e:  # not torch's zip format, which is all star-scale writes
+        raise _unreadable(str(path), e) from None
     if names:
         raise _code(str(path), names)
 

@@ -3,7 +3,7 @@
 DeepSpeed's own loader unpickles in full; star-scale checks every listed file
 on all ranks before any loading, and hands DeepSpeed only weights-only loads
 of manifest-checked bytes.  A clean folder still resumes through that path at
-ZeRO-3 and ZeRO-1 (whose optimizer files hold DeepSpeed classes).
+ZeRO-3, ZeRO-1 (whose optimizer files hold more DeepSpeed classes) and TP 2.
 """
 import re
 import shutil
@@ -32,30 +32,33 @@ def train_args(store: Path, out: Path, steps: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, token_store):
-    """A 2-step 2-rank run at a ZeRO stage, made once per stage."""
+    """A 2-step 2-rank run in a layout (one config override), made once per layout."""
     runs = {}
 
-    def make(stage: int) -> Path:
-        if stage not in runs:
-            run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-            run_torchrun(2, *train_args(token_store, run, 2, f"parallel.zero_stage={stage}"), log=run.parent / "a.log")
-            runs[stage] = run
-        return runs[stage]
+    def make(layout: str) -> Path:
+        if layout not in runs:
+            run = tmp_path_factory.mktemp(layout.replace("=", "-")) / "run"
+            run_torchrun(2, *train_args(token_store, run, 2, layout), log=run.parent / "a.log")
+            runs[layout] = run
+        return runs[layout]
     return make
 
 
-@pytest.mark.parametrize("stage", [3, 1])
-def test_clean_folder_resumes_through_the_checked_deepspeed_loads(two_rank_run, tmp_path, token_store, stage):
+ZERO3 = "parallel.zero_stage=3"
+
+
+@pytest.mark.parametrize("layout", [ZERO3, "parallel.zero_stage=1", "parallel.tp=2"])
+def test_clean_folder_resumes_through_the_checked_deepspeed_loads(two_rank_run, tmp_path, token_store, layout):
     run = tmp_path / "run"
-    shutil.copytree(two_rank_run(stage), run)
-    run_torchrun(2, *train_args(token_store, run, 4, f"parallel.zero_stage={stage}"), log=tmp_path / "b.log")
+    shutil.copytree(two_rank_run(layout), run)
+    run_torchrun(2, *train_args(token_store, run, 4, layout), log=tmp_path / "b.log")
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'}" in (tmp_path / "b.log").read_text()
 
 
 def tampered(two_rank_run, tmp_path, name: str) -> tuple[Path, Path, Path]:
     """A copy of the ZeRO-3 run with ``name`` (in its checkpoint) carrying a payload, meta.json resealed."""
     run = tmp_path / "run"
-    shutil.copytree(two_rank_run(3), run)
+    shutil.copytree(two_rank_run(ZERO3), run)
     ckpt = run / "checkpoints" / "step_00000002"
     target, marker = ckpt / name, tmp_path / "marker"
     with torch.serialization.safe_globals(list(DEEPSPEED_CLASSES)):

@@ -11,7 +11,7 @@ from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from star_scale.parallel.ds_files import ManifestLoad, refusal  # noqa: E402
 from star_scale.trust import RefusedFile  # noqa: E402
-from tests.payloads import save_payload  # noqa: E402
+from tests.payloads import CopyOnLoad, save_payload  # noqa: E402
 
 
 def optimizer_file() -> dict:
@@ -62,3 +62,18 @@ def test_unlisted_or_changed_files_are_refused(tmp_path):
     torch.save({**optimizer_file(), "ds_version": "9"}, tmp_path / "ds" / "a.pt")
     with pytest.raises(RefusedFile, match=r"a.pt: checksum differs from .*meta.json"):
         ManifestLoad(tmp_path, files)(str(tmp_path / "ds" / "a.pt"))
+
+
+def test_legacy_format_payload_is_refused_by_the_scan(tmp_path):
+    """torch's pre-zip format cannot be scanned: refused as unreadable, never unpickled."""
+    (tmp_path / "ds").mkdir()
+    marker = tmp_path / "marker"
+    target = tmp_path / "ds" / "optim_states.pt"
+    (tmp_path / "src.txt").write_text("the payload ran\n")
+    torch.save({"w": torch.zeros(2), "x": CopyOnLoad(tmp_path / "src.txt", marker)}, target,
+               _use_new_zipfile_serialization=False)
+    path, reason = refusal(tmp_path, ["ds/optim_states"])
+    assert path == str(target) and reason.startswith("cannot read as a torch checkpoint")
+    with pytest.raises(RefusedFile, match="refusing to unpickle shutil.copyfile"):
+        ManifestLoad(tmp_path, manifest(tmp_path))(str(target))
+    assert not marker.exists()

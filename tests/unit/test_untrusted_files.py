@@ -27,7 +27,8 @@ GLOBAL = "shutil.copyfile"
 def llamagen_checkpoint() -> dict:
     """The layout LlamaGen's train_c2i.py saves: weights, optimizer, steps and its argparse.Namespace."""
     model = GPT(GPTArgs(layers=2, heads=2, width=64, vocab_size=32, num_classes=4, grid_size=2))
-    return {"model": model_state_dict(model), "optimizer": {}, "steps": 3, "args": argparse.Namespace(gpt_model="GPT-B")}
+    return {"model": model_state_dict(model), "optimizer": {}, "steps": 3,
+            "args": argparse.Namespace(gpt_model="GPT-B")}
 
 
 def refused(capsys, rc: int, path: Path) -> str:
