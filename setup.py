@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["star_scale", "star_scale.*", "tokenize_data", "tokenize_data.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # torch.serialization.safe_globals, get_unsafe_globals_in_checkpoint
         # The tested minor versions only: star_scale/parallel/ relies on their internals
         # (ZeRO-3 partitions and fp32 shards, megatron's parallel state); parallel/versions.py
         # checks the same bounds and every name used at start-up.
@@ -27,7 +27,8 @@ setup(
     extras_require={
         # flash-attn builds against the installed CUDA torch; apex is not on PyPI (see README).
         "gpu": ["flash-attn"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout",
+                "Flask-WTF"],  # mlflow's basic-auth server app, for the tracking-credentials test
     },
     entry_points={"console_scripts": ["star-scale=star_scale.cli:main"]},
 )

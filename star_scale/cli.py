@@ -62,7 +62,14 @@ def cmd_model_info(args) -> int:
 def cmd_import_llamagen(args) -> int:
     from star_scale.models.llamagen_import import convert_checkpoint
 
-    summary = convert_checkpoint(args.checkpoint, args.out, heads=args.heads, grid_size=args.grid_size)
+    try:
+        summary = convert_checkpoint(args.checkpoint, args.out, heads=args.heads, grid_size=args.grid_size,
+                                     trust_pickle=args.trust_pickle)
+    except ValueError as e:  # not a LlamaGen c2i checkpoint, or refused: one line, exit 2
+        message = "; ".join(line.strip() for line in str(e).splitlines())
+        prefix = "" if message.startswith(args.checkpoint) else f"{args.checkpoint}: "
+        print(f"star-scale import-llamagen: error: {prefix}{message}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -129,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="star-scale model file to write")
     i.add_argument("--heads", type=int, default=None, help="attention heads (inferred from the preset table when omitted)")
     i.add_argument("--grid-size", type=int, default=16, help="tokens per side: 16 for 256px, 24 for 384px checkpoints")
+    i.add_argument("--trust-pickle", action="store_true", help="unpickle the checkpoint in full if it holds more than "
+                   "weights and LlamaGen's argparse.Namespace: this runs code from the file; only for files you trust")
     i.set_defaults(fn=cmd_import_llamagen)
 
     k = sub.add_parser("tokenize", help="offline tokenization into Zarr shards (`star-scale tokenize --help` for options)", add_help=False)
@@ -157,6 +166,7 @@ def main(argv=None) -> int:
     from star_scale.config import ConfigError
     from star_scale.parallel.launch import strip_launcher_args
     from star_scale.parallel.versions import VersionError
+    from star_scale.trust import RefusedFile
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))  # deepspeed adds --local_rank
     # Subcommands with their own parsers get their arguments verbatim (argparse's
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"star-scale: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RefusedFile) as e:
         print(f"star-scale: error: {e}", file=sys.stderr)
         return 2
     except VersionError as e:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from star_scale.models.presets import PRESETS
+from star_scale.trust.credentials import take_credentials
 
 
 class ConfigError(ValueError):
@@ -355,6 +356,7 @@ def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str]
     except ConfigError as e:
         where = f" (recipe {recipe})" if recipe else ""
         raise ConfigError(f"{e}{where}") from None
+    cfg.tracking.uri = take_credentials(cfg.tracking.uri)  # nothing downstream prints or saves them
     return cfg.validate(world_size)
 
 

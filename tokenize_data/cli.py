@@ -6,6 +6,7 @@ import sys
 
 from star_scale.data import schema
 from tokenize_data.plan import JobError
+from tokenize_data.prepare import PATCH_SPEC
 from tokenize_data.report import verify
 from tokenize_data.run import run
 
@@ -46,7 +47,20 @@ def build_parser(prog: str = "star-scale tokenize") -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true",
                    help="create OUT (scan the source, fit patch-kmeans) and exit: run once before a large Slurm array")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the --tokenizer file in full if it holds more than weights (and LlamaGen's "
+                        "argparse.Namespace): this runs code from the file; only for files whose source you trust")
     return p
+
+
+def trusted_tokenizer(args, device: str):
+    """--trust-pickle: the one full unpickle happens here; the job gets the loaded tokenizer (workers read its
+    weights-only copy in the store)."""
+    from star_scale.tokenizer import load_tokenizer
+
+    if args.tokenizer is None or str(args.tokenizer).startswith(PATCH_SPEC):
+        return args.tokenizer
+    return load_tokenizer(args.tokenizer, device=device, image_size=args.image_size, trust_pickle=True)
 
 
 def main(argv=None) -> int:
@@ -65,7 +79,8 @@ def main(argv=None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        summary = run(source, out, tokenizer=args.tokenizer, image_size=args.image_size, crop_range=args.crop_range,
+        tokenizer = trusted_tokenizer(args, device) if args.trust_pickle else args.tokenizer
+        summary = run(source, out, tokenizer=tokenizer, image_size=args.image_size, crop_range=args.crop_range,
                       shard_size=args.shard_size, chunk_size=args.chunk_size, workers=args.workers, task_id=args.task_id,
                       num_tasks=args.num_tasks, batch_size=args.batch_size, device=device, row_seed=args.row_seed,
                       min_side=args.min_side, fit_images=args.fit_images, seed=args.seed, progress=not args.no_progress,

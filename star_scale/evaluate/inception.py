@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from star_scale.trust.load import load_torch
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 SPATIAL_CHANNELS = 7
 
@@ -210,10 +212,7 @@ def load_inception(path: str | os.PathLike, device="cpu") -> InceptionV3:
         raise FileNotFoundError(
             f"Inception weights {str(path)!r} not found: download {WEIGHTS_NAME} (pytorch-fid's FID weights) "
             "once elsewhere and pass its path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a torch state dict ({type(e).__name__}: {e})") from e
+    state = load_torch(path)  # weights only: a pickle that runs code is refused, naming the file
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = InceptionV3()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import pickle
 import re
 from typing import Mapping, Optional, Union
 
@@ -19,8 +17,7 @@ import torch
 
 from star_scale.models.gpt import GPT, GPTArgs
 from star_scale.models.model_file import load_strict, model_state_dict, save_model_file
-
-log = logging.getLogger(__name__)
+from star_scale.trust.load import load_torch
 
 # LlamaGen's presets, keyed by what the tensors reveal: (layers, width) -> heads.
 LLAMAGEN_HEADS = {
@@ -74,22 +71,14 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict:
     return out
 
 
-def load_llamagen_state_dict(path: str) -> dict:
-    """Load a LlamaGen c2i GPT checkpoint file to a CPU state dict in LlamaGen's naming."""
-    try:
-        try:
-            # LlamaGen's train_c2i.py also saves its argparse.Namespace: allow that one class.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Unsupported global" not in str(e):
-                raise
-            # A valid torch file that pickles other classes: full unpickling is the only way in.
-            log.warning("%s pickles classes beyond tensors; loading it with weights_only=False "
-                        "(only do this for checkpoints you trust)", path)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
+def load_llamagen_state_dict(path: str, trust_pickle: bool = False) -> dict:
+    """Load a LlamaGen c2i GPT checkpoint file to a CPU state dict in LlamaGen's naming.
+
+    Read with ``weights_only=True``; LlamaGen's train_c2i.py also pickles its
+    argparse.Namespace, the one class allowed.  Anything else is refused
+    (``RefusedFile``) unless the user passed ``--trust-pickle``.
+    """
+    obj = load_torch(path, allowed=[argparse.Namespace], trust_pickle=trust_pickle)
     return extract_state_dict(obj, source=path)
 
 
@@ -147,9 +136,10 @@ def export_llamagen(model: GPT) -> dict:
     return model_state_dict(model)
 
 
-def convert_checkpoint(ckpt_path: str, out_path: str, heads: Optional[int] = None, grid_size: int = 16) -> dict:
+def convert_checkpoint(ckpt_path: str, out_path: str, heads: Optional[int] = None, grid_size: int = 16,
+                       trust_pickle: bool = False) -> dict:
     """LlamaGen checkpoint -> star-scale model file; returns a summary for the CLI."""
-    state_dict = load_llamagen_state_dict(ckpt_path)
+    state_dict = load_llamagen_state_dict(ckpt_path, trust_pickle=trust_pickle)
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()})
     model = import_llamagen(state_dict, heads=heads, grid_size=grid_size)
     save_model_file(model, out_path)

@@ -13,6 +13,8 @@ import torch
 
 from star_scale import atomic
 from star_scale.models.gpt import GPT, GPTArgs
+from star_scale.trust import RefusedFile
+from star_scale.trust.load import load_torch
 
 FORMAT = "star-scale-model-v1"
 _LIST_LIMIT = 20  # keys shown per category in a mismatch error
@@ -61,9 +63,9 @@ def save_model_file(model: GPT, path: str) -> None:
 def load_model_file(path: str) -> GPT:
     """Read a file written by ``save_model_file`` into a CPU GPT."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or pickled objects beyond plain data
-        raise ValueError(f"{path}: not a star-scale model file (torch.load failed: {type(e).__name__}: {e})") from e
+        obj = load_torch(path)  # weights only: a pickle that runs code is refused, naming the file
+    except RefusedFile as e:
+        raise RefusedFile(path, f"not a star-scale model file: {e.reason}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = f"a dict with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: not a star-scale model file (expected format {FORMAT!r}, found {found})")

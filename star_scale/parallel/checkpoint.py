@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from star_scale.atomic import fsync_dir
 from star_scale.parallel.consolidated import CONSOLIDATED, DISTRIBUTED, from_local
+from star_scale.parallel.ds_files import refusal, verified_loads
 from star_scale.parallel.tensor_parallel import gather_full, partition_of, shard
 from star_scale.parallel.zero_state import (
     MOMENTS,
@@ -50,6 +51,8 @@ from star_scale.parallel.zero_state import (
 )
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.train.rng import fresh_rng_state
+from star_scale.trust import RefusedFile
+from star_scale.trust.load import load_torch
 
 log = logging.getLogger(__name__)
 FORMAT = DISTRIBUTED
@@ -226,36 +229,39 @@ def load_latest(engine, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
                 log.warning("skipping damaged checkpoint: %s; falling back to an earlier one", problem)
             continue
         meta = json.loads((d / "meta.json").read_text())
+        refused = [p for p in _all_gather(refusal(d, sorted(meta["files"])[L.rank::L.world])) if p]
+        if refused:  # every rank stops here, together
+            raise RefusedFile(*refused[0])
         if meta.get("format") != FORMAT:  # a single-process (LocalEngine) checkpoint
             if L.is_main:
                 log.info("single-process checkpoint %s: loading it as a consolidated state", d)
-            local = torch.load(d / "engine.pt", map_location="cpu", weights_only=False)
+            local = load_torch(d / "engine.pt")
             load_consolidated(engine, from_local(local, engine.module))
             del local
-            trainer_state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=False)
+            trainer_state = load_torch(d / "trainer.pt")
             if L.dp_rank:  # one process had one stream: the other data-parallel ranks need their own
                 trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
             return step, trainer_state
         old = meta["layout"]
         fresh = False
         if old == layout_of(engine):
-            path, _ = engine.ds.load_checkpoint(str(d), tag="ds", load_optimizer_states=True,
-                                                load_lr_scheduler_states=False, load_module_strict=True)
+            with verified_loads(engine.ds, d, meta["files"]):
+                path, _ = engine.ds.load_checkpoint(str(d), tag="ds", load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False, load_module_strict=True)
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {d / 'ds'}")
             if engine.teacher is not None:
-                engine.teacher.load_shard_state(torch.load(d / "teacher" / f"rank_{L.rank:05d}.pt",
-                                                           map_location="cpu", weights_only=True))
+                engine.teacher.load_shard_state(load_torch(d / "teacher" / f"rank_{L.rank:05d}.pt"))
             trainer_file = d / "trainer" / f"rank_{L.rank:05d}.pt"
         else:
             if L.is_main:
                 log.info("checkpoint layout %s differs from this run's %s: loading the consolidated state", old,
                          layout_of(engine))
-            state = torch.load(d / "consolidated.pt", map_location="cpu", mmap=True, weights_only=True)
+            state = load_torch(d / "consolidated.pt", mmap=True)
             load_consolidated(engine, state)
             del state
             trainer_file, fresh = _trainer_file_after_relayout(d, old, L)
-        trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=False)
+        trainer_state = load_torch(trainer_file)
         if fresh:
             trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
         return step, trainer_state

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from star_scale.trust.load import load_torch
+
 log = logging.getLogger(__name__)
 CONSOLIDATED = "star-scale-consolidated-v1"
 DISTRIBUTED = "star-scale-dist-v1"
@@ -76,9 +78,9 @@ def load_latest_local(engine, ckpts) -> Optional[tuple[int, dict]]:
         meta = json.loads((d / "meta.json").read_text())
         if meta.get("format") == DISTRIBUTED:
             log.info("checkpoint layout %s: loading its consolidated state into one process", meta["layout"])
-            state = torch.load(d / "consolidated.pt", map_location="cpu", mmap=True, weights_only=True)
+            state = load_torch(d / "consolidated.pt", mmap=True)
             to_local(state, engine.module, engine.optimizer)
-            return step, torch.load(d / "trainer" / "rank_00000.pt", map_location="cpu", weights_only=False)
-        engine.load_state_dict(torch.load(d / "engine.pt", map_location="cpu", weights_only=False))
-        return step, torch.load(d / "trainer.pt", map_location="cpu", weights_only=False)
+            return step, load_torch(d / "trainer" / "rank_00000.pt")
+        engine.load_state_dict(load_torch(d / "engine.pt"))
+        return step, load_torch(d / "trainer.pt")
     return None

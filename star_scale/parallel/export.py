@@ -13,13 +13,13 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 
 from star_scale.config import load_config
 from star_scale.models.build import gpt_args
 from star_scale.models.gpt import GPT, GPTArgs
 from star_scale.models.model_file import load_strict, save_model_file
 from star_scale.train.checkpoint import CheckpointDir
+from star_scale.trust.load import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ def newest_whole(path: Path) -> Path:
 def load_models(ckpt: Path) -> dict[str, GPT]:
     """{'student': GPT, 'teacher': GPT (ST-AR runs only)} from one checkpoint folder."""
     if (ckpt / "consolidated.pt").is_file():
-        state = torch.load(ckpt / "consolidated.pt", map_location="cpu", mmap=True, weights_only=True)
+        state = load_torch(ckpt / "consolidated.pt", mmap=True)
         args, weights, teacher = GPTArgs(**state["args"]), state["module"], state["teacher"]
     else:  # single-process checkpoint: the training module's state dict holds both
-        engine = torch.load(ckpt / "engine.pt", map_location="cpu", weights_only=False)
+        engine = load_torch(ckpt / "engine.pt")
         weights = engine["module"]
         teacher = _prefixed(weights, "teacher.model.") or None
         args = gpt_args(load_config(ckpt.parent.parent / "config.yaml"))  # the run's resolved config

@@ -24,6 +24,9 @@ USED = [
                                       "safe_set_full_fp32_param", "safe_set_full_optimizer_state",
                                       "safe_get_local_fp32_param"]),
     ("deepspeed", "deepspeed.runtime.zero.partition_parameters", ["GatheredParameters"]),
+    ("deepspeed", "deepspeed.runtime.fp16.loss_scaler", ["DynamicLossScaler", "LossScaler"]),  # ds_files.py
+    ("deepspeed", "deepspeed.runtime.zero.config", ["ZeroStageEnum"]),
+    ("deepspeed", "deepspeed.utils.tensor_fragment", ["fragment_address"]),
     ("deepspeed", "deepspeed.runtime.engine", ["DeepSpeedEngine.zero_optimization_stage",
                                                "DeepSpeedEngine.get_global_grad_norm",
                                                "DeepSpeedEngine.save_checkpoint", "DeepSpeedEngine.load_checkpoint"]),

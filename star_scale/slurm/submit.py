@@ -16,6 +16,7 @@ from typing import Optional
 
 from star_scale.config import Config, ConfigError, load_config, save_config
 from star_scale.slurm.resources import mem_line, save_window
+from star_scale.trust.credentials import strip_credentials
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "cluster" / "templates"
 
@@ -102,7 +103,8 @@ def render(cfg: Config, train_args: list[str], experiment_id: str, template: Pat
         "SAVE_WAIT": window.save_wait, "MEM_LINE": mem_line(cfg),
         "EXTRA_SBATCH": "\n".join(sbatch_options(c)), "EXPERIMENT_ID": shlex.quote(experiment_id),
         "WORKDIR": shlex.quote(str(Path.cwd())), "PYTHON": shlex.quote(sys.executable),
-        "ARGS": " ".join(shlex.quote(a) for a in train_args),
+        # The script lands in the run folder: credentials travel in the job's environment, not here.
+        "ARGS": " ".join(shlex.quote(strip_credentials(a)) for a in train_args),
     })
 
 

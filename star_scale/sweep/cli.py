@@ -35,6 +35,7 @@ from star_scale.sweep.common import SweepError
 from star_scale.sweep.fit import fit_sweep
 from star_scale.sweep.spec import FIT_DEFAULTS, check_fit_options, load_sweep, plan_table, read_state, write_plan
 from star_scale.sweep.submit import submit_sweep
+from star_scale.trust.credentials import take_credentials
 
 EXAMPLES = """examples:
   star-scale sweep plan recipes/sweeps/tiny.yaml                 # table + sweeps/tiny/tasks/*.args
@@ -94,7 +95,7 @@ def cmd_fit(args) -> int:
         if getattr(args, key) is not None:
             fit_opts[key] = getattr(args, key)
     fit_opts = check_fit_options(fit_opts, str(args.sweep))
-    uri = args.uri or state["uri"]
+    uri = take_credentials(args.uri) or state["uri"]  # fit.md and the log name the URI
     experiment = args.experiment or state["experiment"]
     experiment_id = state.get("experiment_id") if not (args.uri or args.experiment) else None
     out = Path(args.fit_out) if args.fit_out else sweep_dir / "fit"

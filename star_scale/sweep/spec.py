@@ -18,6 +18,7 @@ import yaml
 from star_scale.config import Config, ConfigError, load_config, parse_overrides
 from star_scale.sweep.common import SweepError, _atomic_write, short
 from star_scale.sweep.costs import model_params, train_flops_per_token, views
+from star_scale.trust.credentials import take_credentials
 
 SPEC_KEYS = ("name", "base", "overrides", "tracking", "out", "flops", "max_parallel", "grid", "compute", "fit")
 FIT_DEFAULTS = {"metric": "loss", "tail": 0.1, "bootstrap": 200, "huber_delta": 1e-3, "params": "total",
@@ -241,7 +242,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), sets: list[st
         probe = load_config(base, [*common, *sizes[probe_label]])
     except ConfigError as e:
         raise SweepError(f"{where}: size {probe_label}: {e}") from None
-    uri = tracking.get("uri") or probe.tracking.uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"
+    uri = take_credentials(tracking.get("uri")) or probe.tracking.uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"
     experiment = str(tracking.get("experiment") or name)
 
     sweep = Sweep(name=name, file=path.resolve(), base=base, dir=sweep_dir, uri=uri, experiment=experiment,

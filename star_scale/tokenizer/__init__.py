@@ -40,8 +40,12 @@ def _vq16_path() -> Path:
                          "Without weights, use the small tokenizer: --tokenizer patch-kmeans")
 
 
-def load_tokenizer(path_or_name: str | os.PathLike, *, device: str = "cpu", image_size: int | None = None) -> Tokenizer:
-    """Load a tokenizer from a file (either kind, or an official LlamaGen VQ checkpoint) or the name ``vq16``."""
+def load_tokenizer(path_or_name: str | os.PathLike, *, device: str = "cpu", image_size: int | None = None,
+                   trust_pickle: bool = False) -> Tokenizer:
+    """Load a tokenizer from a file (either kind, or an official LlamaGen VQ checkpoint) or the name ``vq16``.
+
+    Files load with ``weights_only=True``; ``trust_pickle`` (the user's ``--trust-pickle``) unpickles in full.
+    """
     if isinstance(path_or_name, Tokenizer):
         return path_or_name
     name = str(path_or_name)
@@ -55,7 +59,7 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, device: str = "cpu", imag
         raise TokenizerError(f"tokenizer {name!r} is a directory; pass the checkpoint file")
     from star_scale.tokenizer.vq import _torch_load
 
-    obj = _torch_load(path)
+    obj = _torch_load(path, trust_pickle=trust_pickle)
     meta = obj.get(FORMAT_KEY) if isinstance(obj, dict) else None
     if meta is not None and meta.get("kind") == PatchTokenizer.kind:
         return PatchTokenizer.from_saved(obj, str(path))

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from star_scale import atomic
 from star_scale.tokenizer.base import FORMAT_KEY, Tokenizer, TokenizerError, tensors_hash
+from star_scale.trust import RefusedFile
+from star_scale.trust.load import load_torch
 
 OPTIONAL_KEYS = ("quantize.codebook_used",)  # usage statistics: present when trained with show_usage
 
@@ -230,14 +232,12 @@ class VQModel(nn.Module):
 
 
 # ---- checkpoints -----------------------------------------------------------
-def _torch_load(path: Path):
+def _torch_load(path: Path, trust_pickle: bool = False):
+    # LlamaGen's training scripts pickle their argparse.Namespace next to the weights: the one class allowed.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TokenizerError(f"{path}: cannot read as a torch checkpoint with weights_only=True ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}). If you trust the file, re-save its state dict "
-                             f"with `torch.save({{'model': sd}}, path)`.") from e
+        return load_torch(path, allowed=[argparse.Namespace], trust_pickle=trust_pickle)
+    except RefusedFile as e:
+        raise TokenizerError(str(e)) from None
 
 
 def extract_state_dict(obj, path: str) -> dict:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from star_scale.atomic import fsync_dir
+from star_scale.trust.load import load_torch
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
@@ -103,7 +104,6 @@ class CheckpointDir:
                 continue
             d = self.path(step)
             meta = json.loads((d / "meta.json").read_text())
-            objs = {name: torch.load(d / f"{name}.pt", map_location=map_location, weights_only=False)
-                    for name in meta["files"]}
+            objs = {name: load_torch(d / f"{name}.pt", map_location=map_location) for name in meta["files"]}
             return step, objs
         return None

@@ -14,12 +14,14 @@ import logging
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from star_scale.config import Config
+from star_scale.trust.credentials import strip_credentials, take_credentials
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,22 @@ def resolve_experiment(client, cfg: Config) -> str:
     return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
 
 
+def log_artifact_without_credentials(client, run_id: str, path: str) -> None:
+    """Upload ``path``, or a copy without URI credentials when it has some (a recipe may name a server)."""
+    try:
+        text = Path(path).read_text()
+    except (UnicodeDecodeError, OSError):
+        text = None
+    clean = strip_credentials(text) if text is not None else None
+    if clean == text:
+        client.log_artifact(run_id, path)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / Path(path).name
+        copy.write_text(clean)
+        client.log_artifact(run_id, str(copy))
+
+
 class NullTracker:
     run_id: Optional[str] = None
 
@@ -79,7 +97,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         from mlflow.tracking import MlflowClient
 
-        self.uri = cfg.tracking.uri or default_uri(run_dir)
+        self.uri = take_credentials(cfg.tracking.uri) or default_uri(run_dir)  # printed below: never with a password
         self.client = MlflowClient(tracking_uri=self.uri)
         self.cfg, self.run_id, self.flush_every = cfg, run_id, flush_every
         self._reopen = run_id is not None  # a resumed run goes back to RUNNING
@@ -158,13 +176,14 @@ class Tracker:
             from mlflow.entities import Param
 
             while params:
-                self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params[:MAX_PARAMS_PER_BATCH]])
+                self.client.log_batch(self.run_id, params=[Param(k, strip_credentials(str(v)))
+                                                           for k, v in params[:MAX_PARAMS_PER_BATCH]])
                 params = params[MAX_PARAMS_PER_BATCH:]
             while metrics:
                 self.client.log_batch(self.run_id, metrics=metrics[:MAX_METRICS_PER_BATCH])
                 metrics = metrics[MAX_METRICS_PER_BATCH:]
             while artifacts:
-                self.client.log_artifact(self.run_id, artifacts[0])
+                log_artifact_without_credentials(self.client, self.run_id, artifacts[0])
                 artifacts = artifacts[1:]
         except Exception as e:  # noqa: BLE001 - any failure: keep the data, retry later
             with self._lock:  # put back what was not sent, in order

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer or lower ones):
 
-    atomic, models.presets (leaf tables every layer may read)
+    atomic, trust, models.presets (leaf tables and file safety every layer may use)
     config
     models, data, tokenizer
     objectives
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "star_scale"
 
 LAYERS = [
-    ["atomic", "models.presets"],
+    ["atomic", "trust", "models.presets"],
     ["config"],
     ["models", "data", "tokenizer"],
     ["objectives"],

@@ -63,6 +63,7 @@ from star_scale.demo.repro.plan import (
 )
 from star_scale.demo.repro.run import run_one
 from star_scale.demo.repro.table import make_table
+from star_scale.trust.load import load_torch
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
         print(f"star-scale repro: no finished runs in {out}", file=sys.stderr)
         return 1
     judge_path = out / "classifier.pt"
-    info = torch.load(judge_path, map_location="cpu", weights_only=False)["info"]
+    info = load_torch(judge_path)["info"]
     wall = None if args.table_only else time.time() - t0
     table = make_table(results, args.configs, args.seeds, args.cfg_scale, info, wall)
     print()

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from star_scale.demo.repro.plan import CENTER_CROP, IMAGE_SIZE, read_split
+from star_scale.trust.load import load_torch
 
 
 # ---- 2. the judge: a small CNN on decoded tokens ---------------------------------------------------
@@ -97,7 +98,7 @@ def load_or_train_judge(out: Path, data: dict, epochs: int, samples_per_class: i
     path = out / "classifier.pt"
     k = data["classes"]
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = load_torch(path)
         if saved["info"].get("epochs") == epochs and saved["info"].get("reference_images") == k * samples_per_class:
             judge = Judge(k)
             judge.load_state_dict(saved["state_dict"])
@@ -115,7 +116,7 @@ def load_or_train_judge(out: Path, data: dict, epochs: int, samples_per_class: i
     info = {
         "val_accuracy": float((val_pred == val_labels).mean()),
         # The floor of the FID column: as many real (reconstructed) training images as samples, vs val.
-        "fid_real_train_vs_val": fid_from_features(train_feats, val_feats),
+        "fid_real_train_vs_val": float(fid_from_features(train_feats, val_feats)),  # plain floats: weights_only
         "reference_images": int(len(sub)),
         "epochs": epochs, "trained_on": f"{n} images x {crops} decoded crops", "seconds": round(time.time() - t0, 1),
     }
