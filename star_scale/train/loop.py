@@ -69,14 +69,16 @@ def check_store_matches(cfg: Config, store) -> None:
     """The model's vocabulary and grid must fit the tokens it will read."""
     t = store.tokens_per_image
     if t != cfg.model.grid_size**2:
-        raise ConfigError(f"model.grid_size={cfg.model.grid_size} gives {cfg.model.grid_size**2} tokens per image, "
-                          f"but the store {cfg.data.path!r} holds {t}")
+        raise ConfigError(f"model.grid_size={cfg.model.grid_size}: expected {int(t**0.5)} ({t} tokens per image in "
+                          f"data.path={cfg.data.path})")
     codebook = store.attrs.get("codebook_size")
     if codebook is not None and int(codebook) > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the store's codebook ({codebook})")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: expected at least the codebook size {codebook} "
+                          f"of data.path={cfg.data.path}")
     classes = store.attrs.get("num_classes")
     if classes is not None and int(classes) > cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the store's {classes} classes")
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes}: expected at least the {classes} classes "
+                          f"of data.path={cfg.data.path}")
 
 
 def live_probe(cfg: Config, student, store) -> float:

@@ -1,0 +1,25 @@
+"""Two `train` commands on one run folder: the second is refused naming the first; the lock dies with its holder."""
+import os
+import signal
+
+from tests.faults.conftest import cli, errors, metrics, start, wait_for
+
+
+def test_second_training_on_the_same_folder_is_refused(train_args, tmp_path):
+    run = tmp_path / "run"
+    first = start(*train_args(run, "train.steps=1000000", "train.ckpt_every=50", "tracking.enabled=true"))
+    try:
+        wait_for(lambda: len(metrics(run)) > 0 or first.poll() is not None, what="the first job's first step")
+        second = cli(*train_args(run, "train.steps=1000000", "tracking.enabled=true"))
+        assert second.returncode == 2
+        [message] = errors(second.stderr)
+        assert message.startswith(f"star-scale: error: {run} is in use by another training job")
+        assert f"pid {first.pid}" in message and "since " in message
+        assert first.poll() is None  # the first job runs on
+        lines = metrics(run)
+        assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))  # every step once
+    finally:
+        os.kill(first.pid, signal.SIGKILL)  # kill -9: the kernel releases the lock
+        first.wait()
+    after = cli(*train_args(run, "train.steps=3", "train.restart=true"))
+    assert after.returncode == 0, after.stderr
