@@ -30,3 +30,24 @@ def checkpoint_write_error(final, err: BaseException, needed: int) -> Checkpoint
     return CheckpointWriteError(f"checkpoint {final} could not be written ({reason}); it needs about {needed} bytes, "
                                 f"{free} bytes are free there. The previous checkpoint is still the latest: free "
                                 "space and rerun the same command to resume")
+
+
+WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EIO", "EACCES"}
+
+
+def is_write_error(err: BaseException) -> bool:
+    import errno
+
+    return isinstance(err, OSError) and errno.errorcode.get(err.errno) in WRITE_ERRNOS
+
+
+def run_write_error(err: OSError) -> RunError:
+    """One line for any other failed write of the job (metrics, config): the file, the reason, the bytes free."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(err.filename or ".")
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return RunError(f"{err.filename}: {err.strerror}; {shutil.disk_usage(where).free} bytes are free there. "
+                    "Checkpoints already written are whole: fix the cause and rerun the same command to resume")

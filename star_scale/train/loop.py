@@ -23,6 +23,7 @@ from star_scale.objectives.module import build_training_module
 from star_scale.parallel.launch import detect, is_main_process
 from star_scale.train import run_folder
 from star_scale.train.checkpoint import CheckpointDir
+from star_scale.train.errors import RunError, is_write_error, run_write_error
 from star_scale.train.inputs import open_token_store
 from star_scale.train.preemption import StopSignals
 from star_scale.train.throughput import Meter, memory_stats
@@ -122,7 +123,12 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     store = open_token_store(cfg)  # every input is checked before the run folder is touched
     check_store_matches(cfg, store)
     with run_folder.claim(cfg, is_main_process()) as run_dir:
-        return _train(cfg, store, run_dir, recipe=recipe, stop_after=stop_after, engine_factory=engine_factory)
+        try:
+            return _train(cfg, store, run_dir, recipe=recipe, stop_after=stop_after, engine_factory=engine_factory)
+        except OSError as e:  # a full disk while writing metrics or the config: one line, not a traceback
+            if not is_write_error(e):
+                raise
+            raise run_write_error(e) from None
 
 
 def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_factory) -> dict:
@@ -207,8 +213,8 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
                 break
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save()
-    except BaseException:
-        tracker.close(status="FAILED", timeout=10)
+    except BaseException as e:
+        tracker.close(status="FAILED", timeout=0 if isinstance(e, RunError) else 10)  # a full disk: no retries
         raise
     else:
         tracker.close(status="FINISHED" if step >= cfg.train.steps else None)

@@ -77,6 +77,8 @@ class Tracker:
         # Fail fast on an unreachable server: the buffer, not HTTP retries, carries us through outages.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        # mlflow logs every failed database call with a traceback (a full disk: dozens); _send's one warning says it
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         from mlflow.tracking import MlflowClient
 
         self.uri = cfg.tracking.uri or default_uri(run_dir)
