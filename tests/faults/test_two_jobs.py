@@ -23,3 +23,24 @@ def test_second_training_on_the_same_folder_is_refused(train_args, tmp_path):
         first.wait()
     after = cli(*train_args(run, "train.steps=3", "train.restart=true"))
     assert after.returncode == 0, after.stderr
+
+
+def test_lock_is_rank_0s_and_can_be_switched_off(tmp_path):
+    import pytest
+
+    from star_scale.config import load_config
+    from star_scale.train import run_folder
+    from star_scale.train.errors import RunFolderError
+
+    cfg = load_config(None, [f"train.out_dir={tmp_path / 'run'}"])
+    with run_folder.claim(cfg, is_main=True):
+        with pytest.raises(RunFolderError, match=rf"is in use by another training job \(host \S+, pid {os.getpid()},"):
+            with run_folder.claim(cfg, is_main=True):
+                pass
+        with run_folder.claim(cfg, is_main=False):  # other ranks do not take it
+            pass
+        unlocked = load_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.lock=false"])
+        with run_folder.claim(unlocked, is_main=True):
+            pass
+    with run_folder.claim(cfg, is_main=True):  # released on exit
+        pass
