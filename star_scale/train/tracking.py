@@ -186,4 +186,11 @@ class Tracker:
 def make_tracker(cfg: Config, run_dir: Path, run_id: Optional[str], is_main: bool):
     if not (cfg.tracking.enabled and is_main):
         return NullTracker()
-    return Tracker(cfg, run_dir, run_id)
+    try:
+        return Tracker(cfg, run_dir, run_id)
+    except Exception as e:  # noqa: BLE001 - e.g. its sqlite file cannot be created on a full disk
+        log.warning("mlflow at %s unusable (%s: %s); no tracking in this job, metrics are in metrics.jsonl",
+                    cfg.tracking.uri or default_uri(run_dir), type(e).__name__, str(e).splitlines()[0][:200])
+        null = NullTracker()
+        null.run_id = run_id  # the next job reopens the same mlflow run
+        return null

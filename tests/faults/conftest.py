@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ def start(*args, **extra_env) -> subprocess.Popen:
 
 def errors(stderr: str) -> list[str]:
     """The lines a user reads as errors: star-scale's own, and any traceback."""
-    return [l for l in stderr.splitlines() if l.startswith("star-scale") or "Traceback" in l or "Error:" in l]
+    raised = re.compile(r"^[\w.]+(Error|Exception|Interrupt)\b")  # the last line of a traceback
+    return [l for l in stderr.splitlines() if l.startswith("star-scale") or "Traceback" in l or raised.match(l)]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -10,7 +10,7 @@ from PIL import Image
 from star_scale.data import schema
 from tests.faults.conftest import cli, start, wait_for
 
-ARGS = ["--tokenizer", "patch-kmeans:16", "--image-size", "16", "--shard-size", "4", "--workers", "2", "--no-progress"]
+ARGS = ["--tokenizer", "patch-kmeans:16", "--image-size", "16", "--shard-size", "4", "--no-progress"]
 
 
 def descendants(pid: int) -> set[int]:
@@ -41,7 +41,7 @@ def test_kill_9_of_tokenize_leaves_no_orphan_and_rerun_is_identical(tmp_path):
     assert cli("tokenize", tmp_path / "images", ref, *ARGS).returncode == 0
 
     # 2 s per image: each worker's first unit of 4 images is marked done after 8 s, the rest would take 8 s more
-    job = start("tokenize", tmp_path / "images", out, *ARGS, STAR_SCALE_TOKENIZE_PAUSE_PER_IMAGE="2.0")
+    job = start("tokenize", tmp_path / "images", out, *ARGS, "--workers", "2", STAR_SCALE_TOKENIZE_PAUSE_PER_IMAGE="2.0")
     done = out / schema.JOB_DIR / "done"
     wait_for(lambda: any(done.glob("unit-*.json")) or job.poll() is not None, timeout=90, what="a first unit")
     family = descendants(job.pid)
