@@ -46,3 +46,15 @@ def test_pruning_keeps_the_checkpoint_just_written_over_newer_damaged_ones(tmp_p
     ckpts.save(5, {"x": torch.full((4,), 5.0)})
     assert ckpts.steps() == [4, 5, 6]  # 5 (whole) and one older kept; the damaged 6 waits to be overwritten
     assert ckpts.verify(5) is None
+
+
+def test_unfinished_checkpoint_folders_are_swept_at_start(tmp_path):
+    from star_scale.config import load_config
+    from star_scale.train import run_folder
+
+    leftovers = [tmp_path / "run" / "checkpoints" / n for n in (".tmp-step_00000005-4242", ".tmp-step_00000006")]
+    for d in leftovers:
+        d.mkdir(parents=True)
+        (d / "engine.pt").write_bytes(b"half")
+    with run_folder.claim(load_config(None, [f"train.out_dir={tmp_path / 'run'}"]), is_main=True):
+        assert not any(d.exists() for d in leftovers)
