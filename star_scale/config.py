@@ -235,13 +235,12 @@ class Config:
 _RANGES = [(k, lambda v: v > 0, "a number > 0") for k in ("optimizer.lr", "optimizer.eps", "optimizer.grad_clip",
                                                            "optimizer.lr_batch")] + \
     [(k, lambda v: v >= 1, "an integer >= 1") for k in ("train.steps", "train.log_every", "train.ckpt_every",
-                                                        "cluster.nodes", "parallel.tp")] + \
-    [(k, lambda v: v >= 0, "an integer >= 0 (0: off)") for k in ("train.probe_every", "data.prefetch",
-                                                                 "train.keep_checkpoints")] + \
+                                                        "cluster.nodes", "parallel.tp", "data.shuffle_buffer_chunks")] + \
+    [(k, lambda v: v >= 0, "a number >= 0") for k in ("train.probe_every", "data.prefetch", "train.keep_checkpoints",
+                                                      "optimizer.weight_decay")] + \
     [(k, lambda v: 0 <= v < 1, "a ratio in [0, 1)") for k in ("model.class_dropout", "model.token_dropout",
                                                               "model.resid_dropout", "model.ffn_dropout")] + \
-    [("optimizer.weight_decay", lambda v: v >= 0, "a number >= 0"), ("train.probe_images", lambda v: v >= 2, "at least 2"),
-     ("data.shuffle_buffer_chunks", lambda v: v >= 1, "an integer >= 1")]
+    [("train.probe_images", lambda v: v >= 2, "at least 2")]
 
 
 # ---- loading ----------------------------------------------------------------
