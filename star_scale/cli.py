@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. model.preset=B train.steps=100"
@@ -17,7 +17,9 @@ def cmd_train(args) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # no recipe given: defaults + overrides
         recipe, overrides = None, [recipe, *overrides]
-    cfg = load_config(recipe, overrides)
+    from star_scale.parallel.launch import detect
+
+    cfg = load_config(recipe, overrides, world_size=detect().world_size)  # layout checked before any start-up
     summary = train(cfg, recipe=recipe)
     print(json.dumps(summary))
     return 0
@@ -75,8 +77,10 @@ def cmd_import_llamagen(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    # The offline job is its own program (tokenize_data/); star_scale never imports it.
-    return subprocess.call([sys.executable, "-m", "tokenize_data", *args.rest])
+    # The offline job is its own program (tokenize_data/); star_scale never imports it. exec, not a child:
+    # a signal or kill -9 of this command must reach the process doing the work.
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "tokenize_data", *args.rest])
 
 
 def cmd_demo(args) -> int:
@@ -167,6 +171,7 @@ def main(argv=None) -> int:
     from star_scale.parallel.launch import strip_launcher_args
     from star_scale.parallel.versions import VersionError
     from star_scale.trust import RefusedFile
+    from star_scale.train.errors import RunError
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))  # deepspeed adds --local_rank
     # Subcommands with their own parsers get their arguments verbatim (argparse's
@@ -190,6 +195,9 @@ def main(argv=None) -> int:
     except VersionError as e:
         print(f"star-scale: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:  # run folder in use or unusable, a failed checkpoint write: one line
+        print(f"star-scale: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ class TrainConfig:
     probe_every: int = 0  # live linear probe of the middle layer every N steps (0: off), logged as probe_acc
     probe_images: int = 2048  # first N images of the store, 80/20 train/val split, crop 0
     check_every: int = 100  # TP > 1: every N steps, check that the TP-replicated parameters agree (0: off)
+    lock: bool = True  # one writer per run folder (flock); false on file systems without working locks
+    restart: bool = False  # start over in a folder with history but no usable checkpoint (old files moved aside)
 
 
 @dataclass
@@ -177,6 +179,11 @@ class Config:
         (they run again at launch, and `plan`/`submit` use the cluster section).
         """
         m, o, p, d = self.model, self.objective, self.parallel, self.data
+        flat = self.flat()
+        for key, ok, expected in _RANGES:
+            value = flat[key]
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key}={value}: expected {expected}")
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset={m.preset!r}: expected one of {sorted(PRESETS)}")
         layers, heads, width = self.model_dims()
@@ -188,9 +195,9 @@ class Config:
         if (width // heads) % 4:
             raise ConfigError(f"model.width={width} / model.heads={heads} = {width // heads}: 2D RoPE needs a head size divisible by 4")
         if heads % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide model.heads={heads}: each tensor-parallel rank needs whole heads")
+            raise ConfigError(f"parallel.tp={p.tp}: expected a divisor of model.heads={heads} (each tensor-parallel rank needs whole heads)")
         if world_size is not None and world_size % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide the world size {world_size}")
+            raise ConfigError(f"parallel.tp={p.tp}: expected a divisor of the world size {world_size} (the number of processes launched)")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
         if o.name not in ("ar", "star"):
@@ -214,11 +221,12 @@ class Config:
             raise ConfigError(f"objective.positions={o.positions}: L_step needs at least 2 positions per sequence")
         dp = (world_size or p.tp) // p.tp
         if d.global_batch < 1 or d.global_batch % dp:
-            raise ConfigError(f"data.global_batch={d.global_batch} is not divisible by the data-parallel size {dp} (world {world_size} / tp {p.tp})")
+            raise ConfigError(f"data.global_batch={d.global_batch}: expected a positive multiple of the data-parallel "
+                              f"size {dp} (world size {world_size or p.tp} / parallel.tp={p.tp}), so every rank gets "
+                              "the same number of sequences")
         if d.micro_batch is not None and (d.micro_batch < 1 or (d.global_batch // dp) % d.micro_batch):
-            raise ConfigError(
-                f"data.micro_batch={d.micro_batch} does not divide the per-rank batch {d.global_batch // dp} "
-                f"(data.global_batch={d.global_batch} / data-parallel size {dp})")
+            raise ConfigError(f"data.micro_batch={d.micro_batch}: expected a divisor of the per-rank batch "
+                              f"{d.global_batch // dp} (data.global_batch={d.global_batch} / data-parallel size {dp})")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: expected auto, fp32 or bf16")
         if self.train.device not in ("auto", "cpu", "cuda"):
@@ -226,6 +234,17 @@ class Config:
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas={self.optimizer.betas}: expected two numbers")
         return self
+
+
+_RANGES = [(k, lambda v: v > 0, "a number > 0") for k in ("optimizer.lr", "optimizer.eps", "optimizer.grad_clip",
+                                                           "optimizer.lr_batch")] + \
+    [(k, lambda v: v >= 1, "an integer >= 1") for k in ("train.steps", "train.log_every", "train.ckpt_every",
+                                                        "cluster.nodes", "parallel.tp", "data.shuffle_buffer_chunks")] + \
+    [(k, lambda v: v >= 0, "a number >= 0") for k in ("train.probe_every", "data.prefetch", "train.keep_checkpoints",
+                                                      "optimizer.weight_decay")] + \
+    [(k, lambda v: 0 <= v < 1, "a ratio in [0, 1)") for k in ("model.class_dropout", "model.token_dropout",
+                                                              "model.resid_dropout", "model.ffn_dropout")] + \
+    [("train.probe_images", lambda v: v >= 2, "at least 2")]
 
 
 # ---- loading ----------------------------------------------------------------

@@ -12,6 +12,8 @@ import numpy as np
 from star_scale.data import schema
 
 CROPS = 10
+# File names that are not valid UTF-8 travel as surrogate escapes (os.fsdecode) and are written back byte for byte.
+NAMES = "surrogateescape"
 
 
 class JobError(RuntimeError):
@@ -84,7 +86,7 @@ def _read_plan(out: Path) -> Plan:
     if attrs.get("format") != schema.FORMAT:
         raise JobError(f"{out} is a Zarr group but not a star-scale token store")
     paths, labels = [], []
-    with open(out / schema.SOURCES_FILE, encoding="utf-8") as f:
+    with open(out / schema.SOURCES_FILE, encoding="utf-8", errors=NAMES, newline="\n") as f:
         for line in f:
             p, lab = line.rstrip("\n").rsplit("\t", 1)
             paths.append(p)

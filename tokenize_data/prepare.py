@@ -13,7 +13,7 @@ import numpy as np
 
 from star_scale.data import schema
 from tokenize_data.images import SkipImage, load_rgb, min_side_for, ten_crops
-from tokenize_data.plan import CROPS, JobError, Plan, _read_plan
+from tokenize_data.plan import CROPS, NAMES, JobError, Plan, _read_plan
 from tokenize_data.sources import SourceList, load_sources
 from star_scale import atomic
 
@@ -115,7 +115,7 @@ def prepare(source, out: Path, *, tokenizer, image_size: int | None, crop_range:
         try:
             schema.create_token_group(tmp, n, CROPS, tok.tokens_per_image, shard_size=shard_size, chunk_size=chunk_size,
                                       attrs=attrs)
-            with open(tmp / schema.SOURCES_FILE, "w", encoding="utf-8") as f:
+            with open(tmp / schema.SOURCES_FILE, "w", encoding="utf-8", errors=NAMES, newline="\n") as f:
                 for i in order:
                     f.write(f"{sources.paths[i]}\t{sources.labels[i]}\n")
             if keep_copy:

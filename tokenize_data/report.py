@@ -7,11 +7,16 @@ from pathlib import Path
 import numpy as np
 
 from star_scale.data import schema
-from tokenize_data.plan import CROPS, _marker, _read_plan, _sha
+from tokenize_data.plan import CROPS, NAMES, _marker, _read_plan, _sha
 from star_scale import atomic
 
 
 # ---- report and verification --------------------------------------------------------
+def _line(path: str) -> str:
+    """A name on one line of report.txt (report.json keeps it exactly)."""
+    return path.replace("\n", "\\n").replace("\r", "\\r")
+
+
 def write_report(out: Path) -> dict:
     """Collect every unit's skips and conversions into report.json and report.txt (deterministic content)."""
     plan = _read_plan(out)
@@ -32,11 +37,11 @@ def write_report(out: Path) -> dict:
     lines = [f"token store {out.name}: {written} of {plan.n} images tokenized; {len(skipped)} skipped, "
              f"{len(ignored)} ignored (not images), {len(converted)} converted",
              f"source root: {plan.attrs['source']['root']}", ""]
-    lines += [f"SKIPPED\t{d['path']}\t{d['reason']}" for d in skipped]
-    lines += [f"IGNORED\t{d['path']}\t{d['reason']}" for d in ignored]
-    lines += [f"CONVERTED\t{d['path']}\t{'; '.join(d['notes'])}" for d in converted]
+    lines += [f"SKIPPED\t{_line(d['path'])}\t{d['reason']}" for d in skipped]
+    lines += [f"IGNORED\t{_line(d['path'])}\t{d['reason']}" for d in ignored]
+    lines += [f"CONVERTED\t{_line(d['path'])}\t{'; '.join(d['notes'])}" for d in converted]
     atomic.write_text(out / schema.REPORT_JSON, json.dumps(rep, indent=1) + "\n")
-    atomic.write_text(out / schema.REPORT_TXT, "\n".join(lines) + "\n")
+    atomic.write_bytes(out / schema.REPORT_TXT, ("\n".join(lines) + "\n").encode("utf-8", NAMES))
     return rep
 
 

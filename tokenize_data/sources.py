@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenize_data.images import IMAGE_EXTENSIONS
+from tokenize_data.plan import NAMES
 
 
 @dataclass
@@ -47,7 +48,7 @@ class SourceList:
     def sha256(self) -> str:
         h = hashlib.sha256()
         for p, lab in zip(self.paths, self.labels):
-            h.update(f"{p}\t{lab}\n".encode())
+            h.update(f"{p}\t{lab}\n".encode("utf-8", NAMES))
         return h.hexdigest()
 
 
@@ -69,7 +70,9 @@ def scan_folder(root: str | os.PathLike) -> SourceList:
                 if f.startswith("."):
                     continue
                 rel = os.path.relpath(os.path.join(dirpath, f), root)
-                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                if "\n" in rel or "\r" in rel:
+                    ignored.append({"path": rel, "reason": "name holds a line break (sources.tsv has one row per line)"})
+                elif os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                     found.append(rel)
                 else:
                     ignored.append({"path": rel, "reason": "not an image file (extension)"})
@@ -84,7 +87,7 @@ def read_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
     list_file = Path(list_file).resolve()
     base = Path(root).resolve() if root else list_file.parent
     entries = []
-    with open(list_file, encoding="utf-8") as f:
+    with open(list_file, encoding="utf-8", errors=NAMES) as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\n").rstrip("\r")
             if not line.strip() or line.lstrip().startswith("#"):

@@ -174,8 +174,7 @@ def save(engine, ckpts: CheckpointDir, step: int, trainer_state: dict) -> Path:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(ckpts.root)
-        for old in ckpts.steps()[: -ckpts.keep] if ckpts.keep > 0 else []:
-            shutil.rmtree(ckpts.path(old), ignore_errors=True)
+        ckpts.prune(step)
     dist.barrier()
     return final
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from star_scale.atomic import fsync_dir
+from star_scale.train.errors import checkpoint_write_error
 from star_scale.trust.load import load_torch
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class CheckpointDir:
     def __init__(self, root: str | os.PathLike, keep: int = 2):
         self.root = Path(root)
         self.keep = keep
+        self.expected_bytes = 0  # one checkpoint's estimated size, for the message when a save fails
 
     def steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -51,9 +53,22 @@ class CheckpointDir:
         return self.root / f"{PREFIX}{step:08d}"
 
     def save(self, step: int, files: dict[str, object]) -> Path:
-        """Write ``{name: torch-serialisable object}`` as one checkpoint, atomically."""
+        """Write ``{name: torch-serialisable object}`` as one checkpoint, atomically.
+
+        A failed write (disk full, I/O error) removes the temporary folder and raises
+        CheckpointWriteError; the previous checkpoint stays the latest.
+        """
         final = self.path(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        try:
+            self._write(tmp, final, step, files)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("unexpected pos")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise checkpoint_write_error(final, e, self.needed_bytes()) from None
+        self.prune(step)
+        return final
+
+    def _write(self, tmp: Path, final: Path, step: int, files: dict[str, object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         meta = {"step": step, "files": {}}
@@ -70,11 +85,19 @@ class CheckpointDir:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        self._prune()
-        return final
 
-    def _prune(self) -> None:
-        for step in self.steps()[: -self.keep] if self.keep > 0 else []:
+    def needed_bytes(self) -> int:
+        """The newest checkpoint's size, else the estimate."""
+        steps = self.steps()
+        if not steps:
+            return self.expected_bytes
+        return max(self.expected_bytes, sum(f.stat().st_size for f in self.path(steps[-1]).rglob("*") if f.is_file()))
+
+    def prune(self, saved: int) -> None:
+        """Keep ``keep`` checkpoints: the one just saved (whole, so never removed) and the newest older ones.
+        Newer folders (damaged leftovers of an earlier attempt) wait to be overwritten."""
+        older = [s for s in self.steps() if s < saved]
+        for step in older[: len(older) - (self.keep - 1)] if self.keep > 0 else []:
             shutil.rmtree(self.path(step), ignore_errors=True)
 
     def verify(self, step: int) -> Optional[str]:

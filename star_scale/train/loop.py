@@ -18,11 +18,13 @@ from tqdm import tqdm
 
 from star_scale.config import Config, ConfigError, save_config
 from star_scale.data.loader import TokenLoader
-from star_scale.data.store import open_store
 from star_scale.models.build import build_model
 from star_scale.objectives.module import build_training_module
 from star_scale.parallel.launch import cpu_summary, detect, is_main_process
+from star_scale.train import run_folder
 from star_scale.train.checkpoint import CheckpointDir
+from star_scale.train.errors import RunError, is_write_error, run_write_error
+from star_scale.train.inputs import open_token_store
 from star_scale.train.preemption import StopSignals
 from star_scale.train.rng import rng_state, set_rng_state
 from star_scale.train.throughput import Meter, memory_stats
@@ -57,14 +59,16 @@ def check_store_matches(cfg: Config, store) -> None:
     """The model's vocabulary and grid must fit the tokens it will read."""
     t = store.tokens_per_image
     if t != cfg.model.grid_size**2:
-        raise ConfigError(f"model.grid_size={cfg.model.grid_size} gives {cfg.model.grid_size**2} tokens per image, "
-                          f"but the store {cfg.data.path!r} holds {t}")
+        raise ConfigError(f"model.grid_size={cfg.model.grid_size}: expected {int(t**0.5)} ({t} tokens per image in "
+                          f"data.path={cfg.data.path})")
     codebook = store.attrs.get("codebook_size")
     if codebook is not None and int(codebook) > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the store's codebook ({codebook})")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: expected at least the codebook size {codebook} "
+                          f"of data.path={cfg.data.path}")
     classes = store.attrs.get("num_classes")
     if classes is not None and int(classes) > cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the store's {classes} classes")
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes}: expected at least the {classes} classes "
+                          f"of data.path={cfg.data.path}")
 
 
 def live_probe(cfg: Config, student, store) -> float:
@@ -106,30 +110,44 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     to interrupt a run without killing it).
     """
     log.info(cpu_summary())
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # one writer: ranks racing on the same temp file lose the rename
-        save_config(cfg, run_dir / "config.yaml")
+    store = open_token_store(cfg)  # every input is checked before the run folder is touched
+    check_store_matches(cfg, store)
+    with run_folder.claim(cfg, is_main_process()) as run_dir:
+        try:
+            return _train(cfg, store, run_dir, recipe=recipe, stop_after=stop_after, engine_factory=engine_factory)
+        except OSError as e:  # a full disk while writing metrics or the config: one line, not a traceback
+            if not is_write_error(e):
+                raise
+            raise run_write_error(e) from None
+
+
+def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_factory) -> dict:
     seed_everything(cfg.train.seed)
 
-    store = open_store(cfg.data.path)
-    check_store_matches(cfg, store)
     model = build_model(cfg)
     module = build_training_module(cfg, model)
+    expected_bytes = run_folder.checkpoint_bytes(module)
+    if is_main_process():
+        run_folder.warn_if_short_of_space(cfg, expected_bytes)
     engine = (engine_factory or select_engine(cfg))(module, cfg)
     loader = TokenLoader(store, cfg.data.global_batch // engine.dp_size, views=module.views,
                          rank=engine.dp_rank, world_size=engine.dp_size, seed=cfg.data.seed,
                          buffer_chunks=cfg.data.shuffle_buffer_chunks, prefetch=cfg.data.prefetch)
 
     ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    ckpts.expected_bytes = expected_bytes
     step, run_id = 0, None
     latest = engine.load_checkpoint(ckpts)  # the engine restores itself; trainer state comes back
-    if latest is not None:
+    if latest is None:
+        run_folder.check_history(cfg, ckpts, engine.is_main)  # never start over a run's history silently
+    else:
         step, trainer_state = latest
         loader.load_state_dict(trainer_state["loader"])
         set_rng_state(trainer_state["rng"])
         run_id = trainer_state.get("mlflow_run_id")
         log.info("resumed from %s", ckpts.path(step))
+    if is_main_process():  # one writer: ranks racing on the same temp file lose the rename
+        save_config(cfg, run_dir / "config.yaml")
 
     tracker = make_tracker(cfg, run_dir, run_id, engine.is_main)
     if latest is None:
@@ -185,8 +203,8 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
                 break
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save()
-    except BaseException:
-        tracker.close(status="FAILED", timeout=10)
+    except BaseException as e:
+        tracker.close(status="FAILED", timeout=0 if isinstance(e, RunError) else 10)  # a full disk: no retries
         raise
     else:
         tracker.close(status="FINISHED" if step >= cfg.train.steps else None)

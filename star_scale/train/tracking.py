@@ -95,6 +95,8 @@ class Tracker:
         # Fail fast on an unreachable server: the buffer, not HTTP retries, carries us through outages.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        # mlflow logs every failed database call with a traceback (a full disk: dozens); _send's one warning says it
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         from mlflow.tracking import MlflowClient
 
         self.uri = take_credentials(cfg.tracking.uri) or default_uri(run_dir)  # printed below: never with a password
@@ -203,4 +205,11 @@ class Tracker:
 def make_tracker(cfg: Config, run_dir: Path, run_id: Optional[str], is_main: bool):
     if not (cfg.tracking.enabled and is_main):
         return NullTracker()
-    return Tracker(cfg, run_dir, run_id)
+    try:
+        return Tracker(cfg, run_dir, run_id)
+    except Exception as e:  # noqa: BLE001 - e.g. its sqlite file cannot be created on a full disk
+        log.warning("mlflow at %s unusable (%s: %s); no tracking in this job, metrics are in metrics.jsonl",
+                    cfg.tracking.uri or default_uri(run_dir), type(e).__name__, str(e).splitlines()[0][:200])
+        null = NullTracker()
+        null.run_id = run_id  # the next job reopens the same mlflow run
+        return null

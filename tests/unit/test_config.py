@@ -29,12 +29,12 @@ def test_wrong_type_is_named():
 
 
 def test_tp_must_divide_heads():
-    with pytest.raises(ConfigError, match=r"parallel\.tp=3 does not divide model\.heads=4"):
+    with pytest.raises(ConfigError, match=r"parallel\.tp=3: expected a divisor of model\.heads=4"):
         load_config(None, ["parallel.tp=3"], world_size=3)
 
 
 def test_batch_must_divide_over_data_parallel_ranks():
-    with pytest.raises(ConfigError, match=r"data\.global_batch=10 is not divisible by the data-parallel size 4"):
+    with pytest.raises(ConfigError, match=r"data\.global_batch=10: expected a positive multiple of the data-parallel size 4"):
         load_config(None, ["data.global_batch=10"], world_size=4)
 
 

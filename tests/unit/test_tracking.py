@@ -24,3 +24,14 @@ def test_resumed_run_continues_one_mlflow_run(tiny_cfg):
     assert run.data.params["optimizer.lr"] == "0.001"  # params come back as strings
     assert "host" in run.data.tags
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+
+def test_an_unusable_store_turns_tracking_off_with_one_warning_and_keeps_the_run_id(tiny_cfg, tmp_path, caplog):
+    from star_scale.train.tracking import NullTracker, make_tracker
+
+    (tmp_path / "a_file").write_text("x")
+    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}")
+    tracker = make_tracker(cfg, cfg.run_dir(), "abc123", is_main=True)
+    assert isinstance(tracker, NullTracker) and tracker.run_id == "abc123"
+    [record] = [r for r in caplog.records if r.name == "star_scale.train.tracking"]
+    assert "unusable" in record.getMessage() and "\n" not in record.getMessage()

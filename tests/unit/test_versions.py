@@ -1,5 +1,6 @@
 """setup.py's bounds and the start-up check agree, and a DeepSpeed without a name star-scale uses fails in one line."""
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -73,9 +74,11 @@ def test_cli_prints_one_line_on_a_version_error(tmp_path, token_npz):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.14.0\n")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from star_scale.cli import main; "
             "sys.exit(main(['train', 'recipes/tiny-ar.yaml', *sys.argv[2:]]))")
-    args = [*TINY, f"data.path={token_npz}", "parallel.tp=2", "model.heads=2", "tracking.enabled=false",
+    args = [*TINY, f"data.path={token_npz}", "data.global_batch=16", "tracking.enabled=false",
             f"train.out_dir={tmp_path / 'run'}"]
-    out = subprocess.run([sys.executable, "-c", code, str(fake), *args], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # rank 0 of 2: the DeepSpeed engine
+    out = subprocess.run([sys.executable, "-c", code, str(fake), *args], capture_output=True, text=True, cwd=ROOT,
+                         env=env)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert re.search(r"star-scale: error: deepspeed 0.14.0: star-scale needs deepspeed.initialize, which this version "
