@@ -127,6 +127,8 @@ class TrainConfig:
     out_dir: str = "runs/{name}"
     probe_every: int = 0  # live linear probe of the middle layer every N steps (0: off), logged as probe_acc
     probe_images: int = 2048  # first N images of the store, 80/20 train/val split, crop 0
+    compile: bool = False  # torch.compile each transformer block
+    stop_check_every: int = 10  # distributed runs agree on a Slurm stop signal every N steps (one sync each)
 
 
 @dataclass
@@ -219,6 +221,8 @@ class Config:
             raise ConfigError(f"train.precision={self.train.precision!r}: expected auto, fp32 or bf16")
         if self.train.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.train.device!r}: expected auto, cpu or cuda")
+        if self.train.stop_check_every < 1:
+            raise ConfigError(f"train.stop_check_every={self.train.stop_check_every}: expected a positive integer")
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas={self.optimizer.betas}: expected two numbers")
         return self
