@@ -64,18 +64,19 @@ def flash_attn_eligible(q: torch.Tensor) -> bool:
     return _capability(q.device.index or 0) >= (8, 0) and flash_attn_func() is not None
 
 
-def _padded(q, k, v):
-    """Zero-pad the head size to a multiple of 8 on CUDA (q.k and the kept output columns are unchanged)."""
+def _padded(q, k, v, pad_to: Optional[int] = None):
+    """Zero-pad the head size to a multiple of ``pad_to`` (default 8 on CUDA, 1 elsewhere):
+    q.k and the kept output columns are unchanged."""
     d = q.shape[-1]
-    pad = -d % 8 if q.device.type == "cuda" else 0
+    pad = -d % (pad_to or (8 if q.device.type == "cuda" else 1))
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     return q, k, v, d, pad
 
 
-def sdpa(q, k, v, mask=None, is_causal=False, kernel: Optional[str] = None):
+def sdpa(q, k, v, mask=None, is_causal=False, kernel: Optional[str] = None, pad_to: Optional[int] = None):
     """torch SDPA on (B, H, S, D), padding odd head sizes; kernel 'efficient'/'math' pins SDPA's choice."""
-    q, k, v, d, pad = _padded(q, k, v)
+    q, k, v, d, pad = _padded(q, k, v, pad_to)
     if kernel is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=1 / math.sqrt(d))
     else:

@@ -46,9 +46,10 @@ class StopSignals:
                 return False
             t = torch.tensor([2 if self.signal_name == "SIGUSR1" else int(flag)], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if t.item() and self.signal_name is None:
-                self.signal_name = "SIGUSR1" if t.item() == 2 else "SIGTERM"
-            return bool(t.item())
+            agreed = t.item()  # the one read
+            if agreed and self.signal_name is None:
+                self.signal_name = "SIGUSR1" if agreed == 2 else "SIGTERM"
+            return bool(agreed)
         return flag
 
     def requeue_if_asked(self, is_main: bool) -> None:
