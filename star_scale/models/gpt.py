@@ -279,7 +279,9 @@ class GPT(nn.Module):
         a = self.args
         p = next(self.parameters())
         heads = self.layers[0].attention.wqkv.weight.shape[0] // (3 * a.head_dim)  # local heads under TP
-        return KVCache(a.layers, batch, heads, max_len or a.seq_len, a.head_dim, p.device, p.dtype)
+        autocast = torch.is_autocast_enabled(p.device.type)  # bf16 sampling: a bf16 cache, half the bytes
+        dtype = torch.get_autocast_dtype(p.device.type) if autocast else p.dtype
+        return KVCache(a.layers, batch, heads, max_len or a.seq_len, a.head_dim, p.device, dtype)
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place (parameter names unchanged; masks and caches stay eager inputs)."""
