@@ -31,6 +31,7 @@ import torch.nn as nn
 from star_scale.config import Config
 from star_scale.objectives.draws import set_step_draws
 from star_scale.parallel import checkpoint as dist_ckpt
+from star_scale.parallel.devices import deepspeed_args
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
 from star_scale.parallel.mpu import MegatronMPU
@@ -65,7 +66,8 @@ class DeepSpeedEngine:
         self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
-                                                             mpu=MegatronMPU(), dist_init_required=False)
+                                                             mpu=MegatronMPU(), dist_init_required=False,
+                                                             args=deepspeed_args(self.device))
         self.module = module
         self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
         self.zero_stage = self.ds.zero_optimization_stage()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from star_scale.objectives.teacher import EMATeacher, ema_update_
+from star_scale.parallel.devices import deepspeed_args
 from star_scale.parallel.tensor_parallel import gather_full, shard
 from star_scale.parallel.tensor_parallel import partition_of as tp_partition
 from star_scale.parallel.zero_state import gather_partitions, partition_of
@@ -47,7 +48,8 @@ class ShardedTeacher:
     def __init__(self, ema: EMATeacher, student: nn.Module, ds_config: dict, mpu, dtype: torch.dtype, tp_group):
         self.decay = ema.decay
         self.model = ema.model
-        self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=mpu, dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=mpu, dist_init_required=False,
+                                               args=deepspeed_args(next(student.parameters()).device))
         self.engine.eval()
         self.tp_group = tp_group
         self.names = [n for n, _ in self.model.named_parameters()]
