@@ -54,8 +54,9 @@ class ShardedTeacher:
         self.tp_group = tp_group
         self.names = [n for n, _ in self.model.named_parameters()]
         self.params = [p for _, p in self.model.named_parameters()]
-        # fp32 masters: the partitions themselves in fp32 runs, separate copies in bf16 runs.
-        self.fp32 = dtype == torch.float32
+        # fp32 masters: the partitions themselves when they are fp32 (fp32 runs, and bf16 runs under the
+        # autocast policy of ds_config.precision_policy); separate copies under DeepSpeed's own bf16 mode.
+        self.fp32 = dtype == torch.float32 or not ds_config.get("bf16", {}).get("enabled", False)
         if self.fp32:
             self.masters = [p.ds_tensor for p in self.params]
         else:  # the teacher starts as the student: take the student's fp32 partitions, not the bf16 cast

@@ -43,13 +43,19 @@ def torchrun_cmd(nproc: int, *args: str, port: int) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
 
 
-_PORTS = iter(range(29700, 29800))
+def free_port() -> int:
+    """A port the OS has just handed out: fixed ranges collide with other test runs on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_torchrun(nproc: int, *args: str, log: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run one launch to completion; its combined output goes to ``log`` (shown on failure)."""
     with open(log, "w") as f:
-        out = subprocess.run(torchrun_cmd(nproc, *args, port=next(_PORTS)), env=dist_env(), cwd=ROOT,
+        out = subprocess.run(torchrun_cmd(nproc, *args, port=free_port()), env=dist_env(), cwd=ROOT,
                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout, **popen)
     if out.returncode:
         tail = log.read_text()[-6000:]
