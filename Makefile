@@ -50,7 +50,7 @@ DS_VERSION := 0.19.8
 GPU_WHEEL_PINS := megatron-core==0.16.1 einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 \
   packaging==26.4 psutil==7.2.2 py-cpuinfo==9.0.0 pydantic==2.14.4 pydantic-core==2.50.5 \
   annotated-types==0.8.0 typing-extensions==4.16.0 typing-inspection==0.4.5 \
-  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 pytest-timeout==2.4.0
 
 gpu-wheels: $(STAMP)
 	mkdir -p $(WHEELS)
@@ -67,5 +67,5 @@ gpu-check:
 	if ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
 	  $(GPU_PY) -m pip install -q --no-index --no-deps --target "$$tmp/site" $(WHEELS)/*.whl; \
 	else echo "make gpu-check: no wheels in $(WHEELS)/ (make gpu-wheels): DeepSpeed step and pytest may be skipped"; fi && \
-	PYTHONPATH="$$tmp/site:$(CURDIR)" PATH="$$tmp/site/bin:$$PATH" TORCH_EXTENSIONS_DIR="$$tmp/torch_extensions" \
+	PYTHONPATH="$$tmp/site:$(CURDIR)" PATH="$$tmp/site/bin:$$PATH" \
 	  $(GPU_PY) -m star_scale.cli bench gpu $(GPU_CHECK_ARGS)

@@ -135,7 +135,7 @@ class DeepSpeedEngine:
         return latest
 
     def state_dict(self) -> dict:
-        """Consolidated TP = 1 fp32 state (collective; complete on every rank)."""
+        """Consolidated TP = 1 fp32 state (collective; returned on rank 0, None elsewhere)."""
         return dist_ckpt.consolidate(self)
 
     def load_state_dict(self, state: dict) -> None:

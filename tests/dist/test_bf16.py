@@ -22,11 +22,16 @@ BF16 = ("train.precision=bf16",)
 BF16_RTOL = 2.0**-8
 
 
+def launch(scenario: str, tmp_path_factory) -> dict:
+    """Two ranks of the worker's scenario; rank 0's results."""
+    out = tmp_path_factory.mktemp(scenario)
+    run_torchrun(2, WORKER, scenario, str(out), log=out / "log.txt")
+    return json.loads((out / f"{scenario}.rank0.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def bf16(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bf16")
-    run_torchrun(2, WORKER, "bf16", str(out), log=out / "log.txt")
-    return json.loads((out / "bf16.rank0.json").read_text())
+    return launch("bf16", tmp_path_factory)
 
 
 def test_bf16_zero3_two_ranks_match_one_process(bf16):
@@ -52,9 +57,7 @@ def test_bf16_consolidated_state_round_trips(bf16):
 
 @pytest.fixture(scope="module")
 def tp2recompute(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp2recompute")
-    run_torchrun(2, WORKER, "tp2recompute", str(out), log=out / "log.txt")
-    return json.loads((out / "tp2recompute.rank0.json").read_text())
+    return launch("tp2recompute", tmp_path_factory)
 
 
 def test_activation_checkpointing_under_zero3_with_tp_layers_equals_no_checkpointing(tp2recompute):
