@@ -171,7 +171,15 @@ _PICKS: dict = {}
 
 def time_masked(backend: str, batch: int, heads: int, seq: int, head_dim: int, dtype, device,
                 reps: int = 5, ratio: float = 0.25) -> tuple[float, float]:
-    """(seconds per forward + backward, max |out - fp32 math reference|) of one masked backend."""
+    """(seconds per forward + backward, max |out - fp32 math reference|) of one masked backend.
+
+    Runs outside any autocast region (the trainer may call it mid-forward): the reference stays fp32.
+    """
+    with torch.autocast(device.type, enabled=False):
+        return _time_masked(backend, batch, heads, seq, head_dim, dtype, device, reps, ratio)
+
+
+def _time_masked(backend, batch, heads, seq, head_dim, dtype, device, reps, ratio):
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
     key_mask = torch.rand(batch, seq, device=device, generator=g) >= ratio

@@ -16,7 +16,7 @@ def read_metrics(metrics: dict) -> dict:
 
 def read_many(records: list[dict]) -> list[dict]:
     tensors = [v for r in records for v in r.values() if isinstance(v, torch.Tensor)]
-    values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist() if tensors else [])
+    values = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist() if tensors else [])
     return [{k: next(values) if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in records]
 
 
