@@ -94,7 +94,8 @@ def _flex_kernel(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
     # Eager FlexAttention is a slow reference implementation; compiled it is the fused kernel.
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    # Default dynamic: a second shape compiles a dynamic kernel instead of recompiling for every shape.
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 @functools.lru_cache(maxsize=16)

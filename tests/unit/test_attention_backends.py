@@ -123,3 +123,21 @@ def test_incremental_decoding_needs_no_mask():
     q = torch.randn(2, 2, 3, 8)
     mask = torch.ones(3, 7, dtype=torch.bool).tril(4)
     torch.testing.assert_close(attention.incremental(q, k, v), attention.sdpa(q, k, v, mask))
+
+
+def test_the_pick_times_every_candidate_and_drops_the_ones_that_fail(caplog):
+    # On CPU SDPA's memory-efficient kernel does not exist: it must drop out, not crash the pick.
+    with caplog.at_level(logging.INFO, logger="star_scale.models.attention"):
+        pick = attention._measure_pick(torch.device("cpu"), 16, torch.float32)
+    assert pick in ("sdpa-math", "flex")
+    text = caplog.text
+    assert "masked attention sdpa-efficient unavailable for head size 16" in text
+    assert "masked attention timings (ms)" in text and "'sdpa-math'" in text and "'flex'" in text
+
+
+def test_timing_inside_autocast_keeps_an_fp32_reference():
+    cpu = torch.device("cpu")
+    outside = attention.time_masked("sdpa", 2, 2, 17, 16, torch.float32, cpu, reps=1)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer picks mid-forward, under autocast
+        inside = attention.time_masked("sdpa", 2, 2, 17, 16, torch.float32, cpu, reps=1)[1]
+    assert inside == outside < 1e-5  # under autocast SDPA would run in bf16: error ~8e-3
