@@ -7,7 +7,8 @@ Prints one table, section by section:
              spec-sheet peak ("unknown" for an unlisted GPU), allocator peak GiB vs `plan`'s estimate
   attention  the MIM student's masked attention, head sizes 64 (B..XL) and 100 (3B), per backend
              (SDPA memory-efficient, SDPA math, FlexAttention): forward + backward ms, max error vs an
-             fp32 math reference; then the backend the trainer picks by that measurement
+             fp32 math reference; then the backend the trainer picks on this device (it times the
+             same candidates once at a small shape and logs the pick)
   sampling   KV-cache generation of preset B at CFG 2.0: images/s for batch sizes 32..256
   zero3      one ST-AR step of DeepSpeed ZeRO-3 as a world of 1 (NCCL), in its own process
   tests      `pytest -m gpu tests/gpu` (bf16 vs fp32 loss, cached vs uncached generation,

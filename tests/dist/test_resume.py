@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import ROOT, dist_env, run_torchrun, torchrun_cmd  # noqa: E402
+from conftest import ROOT, dist_env, free_port, run_torchrun, torchrun_cmd  # noqa: E402
 
 STEPS = 12
 
@@ -33,7 +33,7 @@ def losses(run: Path) -> list[float]:
 def kill_at_step(args: list[str], run: Path, step: int, log: Path) -> int:
     """Launch, SIGKILL the whole launch (agent and ranks) once metrics.jsonl reaches ``step``."""
     with open(log, "w") as f:
-        p = subprocess.Popen(torchrun_cmd(2, *args, port=29690), env=dist_env(), cwd=ROOT, stdout=f,
+        p = subprocess.Popen(torchrun_cmd(2, *args, port=free_port()), env=dist_env(), cwd=ROOT, stdout=f,
                              stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 300
         metrics = run / "metrics.jsonl"
