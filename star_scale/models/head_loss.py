@@ -9,6 +9,8 @@ chunk (small models, the tests' tiny preset) it is the plain computation.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -22,12 +24,12 @@ def _chunk_loss(norm, head, h: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def chunked_cross_entropy(norm, head, h: torch.Tensor, targets: torch.Tensor,
-                          chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                          chunk_elements: Optional[int] = None) -> torch.Tensor:
     """Mean cross-entropy of head(norm(h)) (B, T, V) against targets (B, T); h: (B, T, W)."""
     rows = h.reshape(-1, h.shape[-1])
     flat = targets.reshape(-1)
-    vocab = head.weight.shape[0]
-    step = max(1, chunk_elements // vocab)
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab)
     if step >= rows.shape[0]:
         return _chunk_loss(norm, head, rows, flat) / flat.numel()
     total = sum(checkpoint(_chunk_loss, norm, head, rows[i : i + step], flat[i : i + step], use_reentrant=False)

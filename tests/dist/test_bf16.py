@@ -55,6 +55,10 @@ def test_bf16_consolidated_state_round_trips(bf16):
     assert r["next_losses"][0] == r["next_losses"][1]
 
 
+def test_chunked_head_cross_entropy_under_zero3_matches_one_process(bf16):
+    np.testing.assert_allclose(bf16["star_chunked_ce"]["losses"], common.reference_losses("star"), rtol=1e-5, atol=0)
+
+
 @pytest.fixture(scope="module")
 def tp2recompute(tmp_path_factory):
     return launch("tp2recompute", tmp_path_factory)

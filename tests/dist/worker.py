@@ -10,7 +10,8 @@ Scenarios:
            ar and star runs as above; a checkpoint of the star run at step 10.
   resume1  1 rank: the tp2dp2 checkpoint (other world, other TP) continued to step 20.
   bf16     2 ranks, ZeRO-3, train.precision=bf16: star losses and the sharded teacher's EMA as in
-           dp2; the consolidated state through a fresh engine and back.
+           dp2; the consolidated state through a fresh engine and back; fp32 star with a chunked
+           head cross-entropy.
   tp2recompute  2 ranks, TP = 2: star with and without activation checkpointing.
 """
 from __future__ import annotations
@@ -120,6 +121,18 @@ def consolidation_roundtrip(objective: str, *extra: str) -> dict:
     return {"state_max_diff": max_diff(state, again), "next_losses": last, "dtype": str(a.dtype)}
 
 
+def chunked_head_run() -> dict:
+    """fp32 star under ZeRO-3 with the head's cross-entropy cut into 5-row chunks (the head module
+    runs once per chunk, and again per chunk in backward)."""
+    from star_scale.models import head_loss
+
+    default, head_loss.CHUNK_ELEMENTS = head_loss.CHUNK_ELEMENTS, 5 * 64
+    try:
+        return run("star", 2, 1)
+    finally:
+        head_loss.CHUNK_ELEMENTS = default
+
+
 def resume1(ckpt_dir: Path) -> dict:
     cfg = common.config("star", "parallel.tp=1", world=1)
     module = common.build(cfg)
@@ -144,6 +157,7 @@ def main() -> None:
     elif scenario == "bf16":  # 2 ranks, ZeRO-3, train.precision=bf16 (the autocast policy)
         results["star"] = run("star", 2, 1, "train.precision=bf16")
         results["roundtrip"] = consolidation_roundtrip("star", "train.precision=bf16")
+        results["star_chunked_ce"] = chunked_head_run()
     elif scenario == "tp2recompute":  # 2 ranks, TP = 2, ZeRO-3: activation checkpointing on vs off
         results["star"] = run("star", 2, 2)
         results["star_recompute"] = run("star", 2, 2, "parallel.activation_checkpointing=true")
