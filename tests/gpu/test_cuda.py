@@ -13,7 +13,8 @@ from star_scale.objectives.masks import mim_key_mask
 from star_scale.objectives.module import build_training_module
 from star_scale.train.local_engine import LocalEngine
 
-pytestmark = pytest.mark.gpu
+# CUDA only (``pytest -m gpu``, run by `star-scale bench gpu`); skipped without a device.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
 SMALL = ["model.preset=small", "model.vocab_size=512", "model.num_classes=10", "model.grid_size=8",
          "model.class_dropout=0", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0",
