@@ -113,7 +113,8 @@ def cmd_passthrough(args) -> int:
     return importlib.import_module(PASSTHROUGH[args.command][0]).main(args.rest) or 0
 
 
-BENCHES = {"data": "star_scale.bench.data", "step": "star_scale.bench.step", "memory": "star_scale.bench.memory"}
+BENCHES = {"data": "star_scale.bench.data", "step": "star_scale.bench.step", "memory": "star_scale.bench.memory",
+           "gpu": "star_scale.bench.gpu"}
 
 
 def cmd_bench(args) -> int:
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=cmd_passthrough)
 
     b = sub.add_parser("bench", help="benchmarks: `data` (loader vs raw reads), `step` (ST-AR vs AR step time), "
-                                     "`memory` (ZeRO-3 per-rank memory, 2 ranks vs 1)")
+                                     "`memory` (ZeRO-3 per-rank memory, 2 ranks vs 1), "
+                                     "`gpu` (the GPU path's table: throughput, MFU, kernels, sampling)")
     b.add_argument("what", choices=sorted(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     b.set_defaults(fn=cmd_bench)

@@ -133,6 +133,8 @@ class TrainConfig:
     check_every: int = 100  # TP > 1: every N steps, check that the TP-replicated parameters agree (0: off)
     lock: bool = True  # one writer per run folder (flock); false on file systems without working locks
     restart: bool = False  # start over in a folder with history but no usable checkpoint (old files moved aside)
+    compile: bool = False  # torch.compile each transformer block
+    stop_check_every: int = 10  # distributed runs agree on a Slurm stop signal every N steps (one sync each)
 
 
 @dataclass
@@ -231,6 +233,8 @@ class Config:
             raise ConfigError(f"train.precision={self.train.precision!r}: expected auto, fp32 or bf16")
         if self.train.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.train.device!r}: expected auto, cpu or cuda")
+        if self.train.stop_check_every < 1:
+            raise ConfigError(f"train.stop_check_every={self.train.stop_check_every}: expected a positive integer")
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas={self.optimizer.betas}: expected two numbers")
         return self

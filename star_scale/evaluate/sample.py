@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at each step (slow; checks)")
     p.add_argument("--classes", help="comma-separated class ids cycled over the samples (default: uniform random)")
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16")
-    p.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--device", default="auto", help="auto: this rank's CUDA device when available (per-task binding aware), else cpu")
     p.add_argument("--work-dir", help="folder of finished batches (default: OUT.parts)")
     p.add_argument("--grid", type=int, default=64, help="samples in the PNG grid (0: none)")
     p.add_argument("--keep-parts", action="store_true", help="keep the batch files after assembling")
@@ -312,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from star_scale.parallel.devices import rank_device_index  # per-task GPU binding aware
+
+        return torch.device("cuda", rank_device_index(local_rank))
     return torch.device(name)
 
 

@@ -12,7 +12,6 @@ swap ``nn.Linear``/``nn.Embedding`` for tensor-parallel versions.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -21,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
+from star_scale.models import attention
+from star_scale.models.head_loss import chunked_cross_entropy
 
 
 @dataclass
@@ -97,29 +97,6 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def _flash_attn_func():
-    try:
-        from flash_attn import flash_attn_func  # optional GPU extra
-        return flash_attn_func
-    except Exception:
-        return None
-
-
-_BACKEND_LOGGED: set = set()
-
-
-def attention_backend(device: torch.device, masked: bool) -> str:
-    """flash-attn for unmasked CUDA attention when installed, else torch SDPA (logged once)."""
-    name = "sdpa"
-    if device.type == "cuda" and not masked and _flash_attn_func() is not None:
-        name = "flash-attn"
-    key = (name, masked)
-    if key not in _BACKEND_LOGGED:
-        _BACKEND_LOGGED.add(key)
-        log.info("attention backend: %s (%s)", name, "key-masked" if masked else "causal")
-    return name
-
-
 class KVCache:
     """Per-layer key/value buffers for incremental decoding."""
 
@@ -154,19 +131,12 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.resid_dropout(self.wo(out))
 
-    def _attend(self, q, k, v, attn_mask, incremental: bool):
-        if attn_mask is None and not incremental and attention_backend(q.device, masked=False) == "flash-attn":
-            flash = _flash_attn_func()
-            return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
-        if attn_mask is not None:
-            attention_backend(q.device, masked=True)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    def _attend(self, q, k, v, attn_mask: Optional[attention.KeyMask], incremental: bool):
         if incremental:
-            # The new queries sit at the end of the cached keys: causal w.r.t. that offset.
-            s, total = q.shape[2], k.shape[2]
-            mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return attention.incremental(q, k, v)
+        if attn_mask is not None:
+            return attn_mask.attend(q, k, v)
+        return attention.causal(q, k, v)
 
 
 class FeedForward(nn.Module):
@@ -272,10 +242,8 @@ class GPT(nn.Module):
         if key_mask is not None:
             # Causal, minus the masked key columns, but a query always sees its own
             # position (so no softmax row is empty); one mask for all layers and heads.
-            s = h.shape[1]
-            causal = torch.ones(s, s, dtype=torch.bool, device=h.device).tril()
-            own = torch.eye(s, dtype=torch.bool, device=h.device)
-            attn_mask = (causal[None] & (key_mask[:, None, :] | own[None]))[:, None]  # (B, 1, S, S)
+            dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+            attn_mask = attention.KeyMask.build(key_mask, self.args.head_dim, dtype)
         hidden = {}
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
@@ -301,11 +269,24 @@ class GPT(nn.Module):
             return own(logits, targets)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
+    def head_loss(self, last_hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``next_token_loss`` from the last block's output (B, T, W): a plain head never holds all fp32 logits."""
+        if getattr(self.output, "cross_entropy", None) is not None:  # TP: vocab-sharded logits are small per rank
+            return self.next_token_loss(self.output(self.norm(last_hidden)).float(), targets)
+        return chunked_cross_entropy(self.norm, self.output, last_hidden, targets)
+
     def new_cache(self, batch: int, max_len: Optional[int] = None) -> KVCache:
         a = self.args
         p = next(self.parameters())
         heads = self.layers[0].attention.wqkv.weight.shape[0] // (3 * a.head_dim)  # local heads under TP
-        return KVCache(a.layers, batch, heads, max_len or a.seq_len, a.head_dim, p.device, p.dtype)
+        autocast = torch.is_autocast_enabled(p.device.type)  # bf16 sampling: a bf16 cache, half the bytes
+        dtype = torch.get_autocast_dtype(p.device.type) if autocast else p.dtype
+        return KVCache(a.layers, batch, heads, max_len or a.seq_len, a.head_dim, p.device, dtype)
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (parameter names unchanged; masks and caches stay eager inputs)."""
+        for block in self.layers:
+            block.compile()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

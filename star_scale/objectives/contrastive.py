@@ -26,6 +26,7 @@ positions per sequence (``masks.sample_positions``: K distinct image positions
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -94,6 +95,12 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Te
     return loss, acc
 
 
+@functools.lru_cache(maxsize=32)
+def others_index(n: int, device: torch.device) -> torch.Tensor:
+    """(n, n-1): row i lists 0..n-1 without i.  Cached: built (and copied to the device) once."""
+    return torch.tensor([[j for j in range(n) if j != i] for i in range(n)], device=device)
+
+
 def gather_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x: (R, S, D), positions: (R, K) -> (R, K, D)."""
     return torch.gather(x, 1, positions[..., None].expand(-1, -1, x.shape[-1]))
@@ -132,7 +139,7 @@ def contrastive_losses(anchors: torch.Tensor, teacher_hidden: torch.Tensor, posi
     out = {}
     if step:
         # Positive of (i, j != i): the teacher at sampled position j of the same sequence.
-        others = torch.tensor([[j for j in range(k) if j != i] for i in range(k)], device=anchors.device)
+        others = others_index(k, anchors.device)
         pos = t_sampled[:, :, others]  # (b, M, K, K-1, W)
         out["loss_step"], out["acc_step"] = info_nce(
             flat_anchors, pos.reshape(b * m * k, k - 1, w), bank, neg_mask, temperature)
@@ -141,7 +148,7 @@ def contrastive_losses(anchors: torch.Tensor, teacher_hidden: torch.Tensor, posi
         pos_all = torch.gather(  # [n, m', m, i] = teacher_hidden[n, m', positions[n, m, i]]
             teacher_hidden, 2, positions.reshape(b, 1, m * k, 1).expand(b, m, m * k, w)).view(b, m, m, k, w)
         pos_all = pos_all.permute(0, 2, 3, 1, 4)  # (b, m, i, m', W)
-        other_views = torch.tensor([[v for v in range(m) if v != u] for u in range(m)], device=anchors.device)
+        other_views = others_index(m, anchors.device)
         idx = other_views[None, :, None, :, None].expand(b, m, k, m - 1, w)
         pos = torch.gather(pos_all, 3, idx)  # (b, M, K, M-1, W)
         out["loss_view"], out["acc_view"] = info_nce(

@@ -27,9 +27,12 @@ class StepDraws:
     def uniform(self, stream: int, images: int, views: int, width: int, device=None) -> torch.Tensor:
         """(images * views, width) uniforms for this micro-batch's sequences (image-major, as the module flattens)."""
         seed = int(np.random.SeedSequence([self.seed, self.step, stream]).generate_state(1, np.uint64)[0] >> 1)
-        g = torch.Generator().manual_seed(seed)
-        table = torch.rand(self.total * views, width, generator=g)
-        return table[self.first * views : (self.first + images) * views].to(device)
+        device = torch.device(device or "cpu")
+        # Drawn on the device itself (no host copy, no sync); CUDA's stream differs from the CPU's,
+        # but every layout on one device type slices the same table.
+        g = torch.Generator(device=device).manual_seed(seed)
+        table = torch.rand(self.total * views, width, generator=g, device=device)
+        return table[self.first * views : (self.first + images) * views]
 
 
 def set_step_draws(module, seed: int, step: int, first: int, total: int) -> None:

@@ -29,8 +29,9 @@ class ARModule(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor):
         """tokens: (B, views, T) codes; labels: (B,)."""
         seq = tokens[:, 0]
-        out = self.student(seq[:, :-1], labels)
-        loss = self.student.next_token_loss(out.logits, seq)  # TP heads bring their own
+        last = self.student.args.layers
+        out = self.student(seq[:, :-1], labels, return_layers=(last,), logits=False)
+        loss = self.student.head_loss(out.hidden[last], seq)  # chunked; TP heads bring their own
         return loss, {"loss_ar": loss.detach()}
 
     def after_optimizer_step(self) -> None:
@@ -118,8 +119,8 @@ class STARModule(nn.Module):
         if self.mim:
             scores = draws.uniform(MASK, b, m, s - 1, dev) if draws else None
             key_mask = mim_key_mask(b * m, s, o.mask_ratio, device=dev, scores=scores)
-        out = self.student(inp, lab, key_mask=key_mask, return_layers=layers)
-        terms = {"loss_ar": self.student.next_token_loss(out.logits, seq)}
+        out = self.student(inp, lab, key_mask=key_mask, return_layers=layers, logits=False)
+        terms = {"loss_ar": self.student.head_loss(out.hidden[last], seq)}
         extras: dict = {}
         if self.teacher is None:
             return terms, extras

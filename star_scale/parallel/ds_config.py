@@ -1,8 +1,7 @@
 """The DeepSpeed JSON, generated from the recipe; ``parallel.deepspeed_config`` may override any key.
 
 Batch sizes count images (sequences per view) per optimizer step: global =
-micro x accumulation steps x data-parallel size.  Precision: bf16 on GPU (fp32
-master weights inside ZeRO), fp32 on CPU, as ``train.precision`` resolves.
+micro x accumulation steps x data-parallel size.  Precision: ``precision_policy``.
 """
 from __future__ import annotations
 
@@ -32,6 +31,26 @@ def batch_sizes(cfg: Config, dp: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
+def precision_policy(dtype: torch.dtype) -> dict:
+    """bf16 the way the single-process engine does it, so one GPU and many are numerically comparable.
+
+    fp32 weights, bf16 compute under torch.autocast (norms, softmax and the loss stay fp32),
+    fp32 gradients, accumulated and reduced in fp32 (no parameter gets a bf16 comm dtype:
+    ``lower_precision_safe_modules`` is empty).  DeepSpeed's own ``bf16`` mode would instead
+    keep bf16 weights and gradients (fp32 master in the optimizer) and reduce in bf16: the
+    same bytes per parameter in total (4 + 4 + 8 vs 2 + 2 + 12) but a different forward than
+    LocalEngine's autocast, and bf16 rounding in every all-reduce.  The price here is fp32
+    ZeRO-3 parameter gathers (twice the bytes of bf16 ones).
+    """
+    autocast = dtype == torch.bfloat16
+    out = {"bf16": {"enabled": False}}
+    if autocast:
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+        out["communication_data_type"] = "fp32"
+    return out
+
+
 def student_config(cfg: Config, dp: int, dtype: torch.dtype, device: torch.device) -> dict:
     micro, accumulation = batch_sizes(cfg, dp)
     generated = {
@@ -39,7 +58,7 @@ def student_config(cfg: Config, dp: int, dtype: torch.dtype, device: torch.devic
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        **precision_policy(dtype),
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             # Overlapping communication needs CUDA streams; on CPU it only adds copies.

@@ -29,9 +29,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from star_scale.config import Config
-from star_scale.models.gpt import GPT
 from star_scale.objectives.draws import begin_step, end_step, set_step_draws
 from star_scale.parallel import checkpoint as dist_ckpt
+from star_scale.parallel.devices import deepspeed_args
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
 from star_scale.parallel.mpu import MegatronMPU
@@ -39,7 +39,8 @@ from star_scale.parallel.replicas import check_replicas
 from star_scale.parallel.sharded_teacher import ReplicatedTeacher, ShardedTeacher, install_teacher, take_teacher
 from star_scale.parallel.tensor_parallel import LayerFactory, tensor_parallelize
 from star_scale.train.checkpoint import CheckpointDir
-from star_scale.train.local_engine import make_optimizer, resolve_device, resolve_dtype
+from star_scale.train.local_engine import configure_models, make_optimizer, resolve_device, resolve_dtype
+from star_scale.train.metrics import accumulate, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,12 @@ class DeepSpeedEngine:
         cfg.validate(L.world)
         self.device, self.dtype = L.device, resolve_dtype(cfg.train.precision, L.device)
         self.dp_rank, self.dp_size, self.is_main = L.dp_rank, L.dp, L.is_main
+        self.tp_size = L.tp  # MFU: a rank executes 1/tp of its tokens' FLOPs
         if not L.is_main:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
         module = tensor_parallelize(module, LayerFactory(L.tp, self.device), L.tp_rank)
-        for m in module.modules():
-            if isinstance(m, GPT):
-                m.activation_checkpointing = cfg.parallel.activation_checkpointing
+        configure_models(module, cfg)
         ema = take_teacher(module)
         if hasattr(module, "negatives_group"):
             module.negatives_group = L.dp_group
@@ -70,7 +70,8 @@ class DeepSpeedEngine:
             self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype, L.tp_group)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
-                                                             mpu=MegatronMPU(), dist_init_required=False)
+                                                             mpu=MegatronMPU(), dist_init_required=False,
+                                                             args=deepspeed_args(self.device))
         self.module = module
         self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
         self.zero_stage = self.ds.zero_optimization_stage()
@@ -89,8 +90,13 @@ class DeepSpeedEngine:
 
     # ---- one optimizer step ------------------------------------------------------
     def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One optimizer step; metrics as floats (reads the device: use ``train_step_lazy`` in loops)."""
+        return read_metrics(self.train_step_lazy(tokens, labels))
+
+    def train_step_lazy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One optimizer step; metrics as 0-dim device tensors, averaged over data-parallel ranks."""
         self.ds.train()
-        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         n = tokens.shape[0]
         if n != self.micro_batch * self.accumulation:
             raise ValueError(f"batch of {n} on this rank, expected {self.micro_batch} x {self.accumulation}")
@@ -103,8 +109,7 @@ class DeepSpeedEngine:
             loss, metrics = self.ds(tokens[sl], labels[sl])
             self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps itself
             self.ds.step()  # steps the optimizer only at the accumulation boundary
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / self.accumulation
+            accumulate(totals, {"loss": loss, **metrics}, 1.0 / self.accumulation)
         end_step(self.module)
         self.module.after_optimizer_step()  # the EMA teacher, shard by shard
         self.step += 1
@@ -114,18 +119,18 @@ class DeepSpeedEngine:
         out = self._data_parallel_mean(totals)
         norm = self.ds.get_global_grad_norm()
         if norm is not None:  # DeepSpeed does not compute it at ZeRO stage 0
-            out["grad_norm"] = float(norm)
+            out["grad_norm"] = torch.as_tensor(norm, device=self.device)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
     def _data_parallel_mean(self, values: dict) -> dict:
-        """Every rank reports the global batch's metrics (tensor-parallel ranks already agree)."""
+        """Every rank reports the global batch's metrics (tensor-parallel ranks already agree); stays on the device."""
         if self.dp_size == 1:
             return values
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        t = torch.stack([values[k].to(torch.float64) for k in keys])
         dist.all_reduce(t, group=self.layout.dp_group)
-        return {k: float(v) / self.dp_size for k, v in zip(keys, t.tolist())}
+        return dict(zip(keys, (t / self.dp_size).unbind()))
 
     # ---- checkpoints -------------------------------------------------------------
     def save_checkpoint(self, ckpts: CheckpointDir, step: int, trainer_state: dict) -> None:
@@ -138,7 +143,7 @@ class DeepSpeedEngine:
         return latest
 
     def state_dict(self) -> dict:
-        """Consolidated TP = 1 fp32 state (collective; complete on every rank)."""
+        """Consolidated TP = 1 fp32 state (collective; returned on rank 0, None elsewhere)."""
         return dist_ckpt.consolidate(self)
 
     def load_state_dict(self, state: dict) -> None:

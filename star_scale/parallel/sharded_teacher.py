@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from star_scale.objectives.teacher import EMATeacher, ema_update_
+from star_scale.parallel.devices import deepspeed_args
 from star_scale.parallel.tensor_parallel import gather_full, shard
 from star_scale.parallel.tensor_parallel import partition_of as tp_partition
 from star_scale.parallel.zero_state import full_fp32, gather_partitions, partition_of
@@ -50,13 +51,15 @@ class ShardedTeacher:
     def __init__(self, ema: EMATeacher, ds_config: dict, mpu, dtype: torch.dtype, tp_group):
         self.decay = ema.decay
         self.model = ema.model
-        self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=mpu, dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=mpu, dist_init_required=False,
+                                               args=deepspeed_args(next(student.parameters()).device))
         self.engine.eval()
         self.tp_group = tp_group
         self.names = [n for n, _ in self.model.named_parameters()]
         self.params = [p for _, p in self.model.named_parameters()]
-        # fp32 masters: the partitions themselves in fp32 runs, separate copies in bf16 runs.
-        self.fp32 = dtype == torch.float32
+        # fp32 masters: the partitions themselves when they are fp32 (fp32 runs, and bf16 runs under the
+        # autocast policy of ds_config.precision_policy); separate copies under DeepSpeed's own bf16 mode.
+        self.fp32 = dtype == torch.float32 or not ds_config.get("bf16", {}).get("enabled", False)
         self.masters = [p.ds_tensor for p in self.params] if self.fp32 else None
 
     def start_from(self, student: nn.Module) -> None:

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from star_scale.config import Config
 from star_scale.objectives.draws import begin_step, end_step, set_step_draws
+from star_scale.train.metrics import accumulate, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def configure_models(module: nn.Module, cfg: Config) -> None:
+    """Every GPT of the module (student, teacher copy): activation checkpointing, ``train.compile``."""
+    for m in module.modules():
+        if hasattr(m, "activation_checkpointing"):  # recompute blocks in backward instead of keeping activations
+            m.activation_checkpointing = cfg.parallel.activation_checkpointing
+            if cfg.train.compile:
+                m.compile_blocks()
+
+
 class LocalEngine:
     """One process, one device: AdamW, bf16 autocast on GPU, micro-batch accumulation, clipping."""
 
@@ -62,12 +72,10 @@ class LocalEngine:
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_dtype(cfg.train.precision, self.device)
         self.module = module.to(self.device)
-        for m in module.modules():  # recompute blocks in backward instead of keeping their activations
-            if hasattr(m, "activation_checkpointing"):
-                m.activation_checkpointing = cfg.parallel.activation_checkpointing
+        configure_models(module, cfg)
         self.optimizer = make_optimizer(module, cfg, self.device)
         self.micro_batch = cfg.data.micro_batch or cfg.data.global_batch
-        self.dp_rank, self.dp_size, self.is_main = 0, 1, True
+        self.dp_rank, self.dp_size, self.tp_size, self.is_main = 0, 1, 1, True
         self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
 
     def autocast(self):
@@ -76,8 +84,13 @@ class LocalEngine:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One optimizer step; metrics as floats (reads the device: use ``train_step_lazy`` in loops)."""
+        return read_metrics(self.train_step_lazy(tokens, labels))
+
+    def train_step_lazy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One optimizer step; metrics as 0-dim device tensors (no host-device sync), lr a float."""
         self.module.train()
-        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         n = tokens.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict = {}
@@ -91,16 +104,14 @@ class LocalEngine:
             with self.autocast():
                 loss, metrics = self.module(tokens[sl], labels[sl])
             (loss * weight).backward()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * weight
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * weight
+            accumulate(totals, {**metrics, "loss": loss}, weight)
         end_step(self.module)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.module.after_optimizer_step()
         self.step += 1
-        totals["grad_norm"] = float(grad_norm)
+        totals["grad_norm"] = grad_norm.detach()
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
 

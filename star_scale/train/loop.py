@@ -25,6 +25,7 @@ from star_scale.train import run_folder
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.train.errors import RunError, is_write_error, run_write_error
 from star_scale.train.inputs import open_token_store
+from star_scale.train.metrics import PendingMetrics
 from star_scale.train.preemption import StopSignals
 from star_scale.train.rng import rng_state, set_rng_state
 from star_scale.train.throughput import Meter, memory_stats
@@ -162,17 +163,29 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if engine.is_main else None
     tokens_per_step = cfg.data.global_batch * module.views * store.tokens_per_image
-    meter = Meter(model.flops_per_token() * getattr(module, "flops_factor", 1.0), engine.device)
+    meter = Meter(model.flops_per_token() * getattr(module, "flops_factor", 1.0), engine.device,
+                  tp=getattr(engine, "tp_size", 1))
     def report(record: dict, rate: dict) -> None:
         step = record["step"]
         extra = {"tokens_seen": step * tokens_per_step,
                  "samples_per_s": rate["tokens_per_s"] / (module.views * store.tokens_per_image)}
-        tracker.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **rate,
+        known = {k: v for k, v in rate.items() if v is not None}  # MFU of an unknown device is not logged
+        tracker.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **known,
                              **memory_stats(engine.device), **extra}, step)
         if engine.is_main:
-            log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, record["loss"],
+            mfu = "unknown" if rate["mfu"] is None else f"{100 * rate['mfu']:.2f}%"
+            log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %s", step, record["loss"],
                      " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss_", "probe_"))),
-                     rate["tokens_per_s"], 100 * rate["mfu"])
+                     rate["tokens_per_s"], mfu)
+
+    pending = PendingMetrics()
+
+    def flush(last: dict) -> dict:
+        for record in pending.flush():
+            if metrics_log:
+                metrics_log.write(record)
+            last = record
+        return last
 
     batches = iter(loader)
     stop = StopSignals()
@@ -182,22 +195,23 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
     try:
         while step < cfg.train.steps and (stop_after is None or step - start < stop_after):
             batch = next(batches)
-            metrics = engine.train_step(batch.tokens, batch.labels)
             step += 1
+            pending.add(step, engine.train_step_lazy(batch.tokens, batch.labels))  # device tensors: no sync
             meter.add(tokens_per_step // engine.dp_size)
-            record = {"step": step, **metrics}
-            if cfg.train.probe_every and step % cfg.train.probe_every == 0:
-                record["probe_acc"] = live_probe(cfg, module.student, store)
-            if metrics_log:
-                metrics_log.write(record)
-            last = record
+            probed = cfg.train.probe_every and step % cfg.train.probe_every == 0
+            if probed:
+                pending.update_last(probe_acc=live_probe(cfg, module.student, store))
             bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                report(record, meter.read())
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            elif "probe_acc" in record:
-                tracker.log_metrics({"probe_acc": record["probe_acc"]}, step)
-            if stop.should_stop(engine.device):
+            stopping = stop.should_stop(engine.device, step, cfg.train.stop_check_every)
+            logged = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            if logged or probed or stopping or step % cfg.train.ckpt_every == 0 or stop_after == step - start:
+                last = flush(last)  # one device read for every step since the last one
+            if logged:
+                report(last, meter.read())
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            elif probed:
+                tracker.log_metrics({"probe_acc": last["probe_acc"]}, step)
+            if stopping:
                 save()
                 stop.requeue_if_asked(engine.is_main)
                 break

@@ -6,7 +6,8 @@
   requeues instead, after the save or when the save runs out of time.
 - SIGTERM (``scontrol requeue``, preemption, ``scancel``): save and exit; Slurm
   requeues or ends the job itself.
-All ranks must stop at the same step, so the flag is agreed on collectively.
+All ranks must stop at the same step, so the flag is agreed on collectively
+(every ``train.stop_check_every`` steps: the agreement costs a device sync).
 """
 from __future__ import annotations
 
@@ -36,15 +37,22 @@ class StopSignals:
         self.signal_name = signal.Signals(signum).name
         log.warning("received %s: will checkpoint at the end of this step", self.signal_name)
 
-    def should_stop(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled (one tiny all-reduce when distributed)."""
+    def should_stop(self, device: torch.device, step: int = 0, every: int = 1) -> bool:
+        """True on every rank if any rank was signalled.
+
+        Distributed, the ranks agree with one tiny all-reduce, whose read waits for the
+        device: done only at steps divisible by ``every`` (train.stop_check_every).
+        """
         flag = self.signal_name is not None
         if dist.is_available() and dist.is_initialized():
+            if step % every:
+                return False
             t = torch.tensor([2 if self.signal_name == "SIGUSR1" else int(flag)], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if t.item() and self.signal_name is None:
-                self.signal_name = "SIGUSR1" if t.item() == 2 else "SIGTERM"
-            flag = bool(t.item())
+            agreed = t.item()  # the one read
+            if agreed and self.signal_name is None:
+                self.signal_name = "SIGUSR1" if agreed == 2 else "SIGTERM"
+            flag = bool(agreed)
         if flag:
             _fault_slow_save()
         return flag

@@ -15,8 +15,8 @@ def rng_state() -> dict:
              "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                                              "pos": int(np_state["state"]["pos"])}},
              "python": [version, list(internal), gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: another job may see another device count
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -28,7 +28,8 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # older checkpoints hold every visible device's state: take the first
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def fresh_rng_state(*key: int) -> dict:

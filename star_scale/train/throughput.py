@@ -1,35 +1,38 @@
-"""Tokens/s and model FLOPs utilisation (MFU) against the device's peak."""
+"""Tokens/s and model FLOPs utilisation (MFU) against the device's dense bf16 peak.
+
+MFU is per GPU: the FLOPs one rank executes (its tokens' model FLOPs divided
+by the tensor-parallel size, since TP ranks split every matmul of the same
+tokens) over that GPU's spec-sheet peak.  A device without a table entry
+(any CPU, an unknown GPU) reports MFU as unknown (None), never a guess.
+"""
 from __future__ import annotations
 
-import functools
 import logging
 import time
+from typing import Optional
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s (no sparsity) by GPU name substring.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s by GPU name substring; first match wins, so
+# specific names come before their family (torch reports e.g. "NVIDIA H100 80GB HBM3" for SXM).
+GPU_PEAK_BF16 = [
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("B100", 1.75e15),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800 PCIe", 756e12), ("H800", 989e12), ("H200", 989e12), ("H20", 148e12),
+    ("A100", 312e12), ("A800", 312e12), ("A30", 165e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 6000 Ada", 364e12), ("RTX 4090", 165e12),
+    ("A6000", 155e12), ("MI300X", 1307e12), ("MI250X", 383e12), ("V100", 125e12),  # V100: fp16 (no bf16)
+]
 
 
-@functools.lru_cache(maxsize=None)
-def peak_flops(device_type: str, device_name: str = "") -> float:
-    """Peak FLOP/s: the spec sheet for known GPUs, a measured fp32 matmul rate otherwise."""
-    for key, value in GPU_PEAK_BF16.items():
+def peak_flops(device_name: str) -> Optional[float]:
+    """The spec-sheet dense bf16 peak of a GPU name, or None when it is not in the table."""
+    for key, value in GPU_PEAK_BF16:
         if key in device_name:
             return value
-    n = 512
-    g = torch.Generator().manual_seed(0)  # private: must not move the training RNG
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b  # warm up
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        a @ b
-        reps += 1
-    measured = 2 * n**3 * reps / (time.perf_counter() - t0)
-    log.info("peak FLOP/s for MFU on %s: measured fp32 matmul %.3g", device_name or device_type, measured)
-    return measured
+    return None
 
 
 def device_name(device: torch.device) -> str:
@@ -37,21 +40,30 @@ def device_name(device: torch.device) -> str:
 
 
 class Meter:
-    """Rate of tokens (and MFU) since the last ``read``."""
+    """Rate of tokens (and MFU) since the last ``read``.
 
-    def __init__(self, flops_per_token: float, device: torch.device, world_size: int = 1):
-        self.flops_per_token = flops_per_token
-        self.peak = peak_flops(device.type, device_name(device)) * world_size
+    flops_per_token: model FLOPs of one token's step (student, and ST-AR's teacher);
+    tp: tensor-parallel size (each rank executes 1/tp of those FLOPs);
+    peak: FLOP/s of one device, None for unknown.
+    """
+
+    def __init__(self, flops_per_token: float, device: torch.device, tp: int = 1, peak: Optional[float] = None):
+        self.flops_per_token = flops_per_token / tp
+        self.peak = peak if peak is not None else peak_flops(device_name(device))
+        if self.peak is None:
+            log.info("MFU unknown: no peak FLOP/s for %s in the table", device_name(device))
         self.tokens, self.t0 = 0, time.perf_counter()
 
     def add(self, tokens: int) -> None:
+        """Tokens processed by this rank (its data-parallel share of the global batch)."""
         self.tokens += tokens
 
     def read(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         rate = self.tokens / dt
         self.tokens, self.t0 = 0, time.perf_counter()
-        return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak}
+        mfu = rate * self.flops_per_token / self.peak if self.peak else None
+        return {"tokens_per_s": rate, "mfu": mfu}
 
 
 def memory_stats(device: torch.device) -> dict:

@@ -48,11 +48,11 @@ def build(cfg):
 
 
 @functools.lru_cache(maxsize=None)
-def reference_losses(objective: str, steps: int = STEPS) -> list[float]:
+def reference_losses(objective: str, steps: int = STEPS, extra: tuple = ()) -> list[float]:
     """One process, LocalEngine: the run every layout must reproduce."""
     from star_scale.train.local_engine import LocalEngine
 
-    cfg = config(objective)
+    cfg = config(objective, *extra)
     module = build(cfg)
     engine = LocalEngine(module, cfg)
     return [engine.train_step(*b)["loss"] for b in batches(steps, module.views)]

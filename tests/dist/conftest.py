@@ -45,7 +45,7 @@ def torchrun_cmd(nproc: int, *args: str, port: int) -> list[str]:
 
 
 def free_port() -> int:
-    """A port nobody listens on now (fixed ports collide with other test runs on the same machine)."""
+    """A port the OS has just handed out: fixed ranges collide with other test runs on the machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -43,7 +43,12 @@ def test_deepspeed_config_from_recipe_and_override(tmp_path):
     cfg = load_config(None, ["data.global_batch=32", "data.micro_batch=4", "parallel.zero_stage=3"], world_size=4)
     c = student_config(cfg, dp=2, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (32, 4, 4)
-    assert c["bf16"]["enabled"] and c["zero_optimization"]["stage"] == 3 and c["gradient_clipping"] == 1.0
+    assert c["zero_optimization"]["stage"] == 3 and c["gradient_clipping"] == 1.0
+    # bf16 = LocalEngine's policy: autocast over fp32 weights, fp32 grads accumulated and reduced in fp32.
+    assert not c["bf16"]["enabled"] and c["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",
+                                                                 "lower_precision_safe_modules": []}
+    assert c["data_types"]["grad_accum_dtype"] == "fp32" and c["communication_data_type"] == "fp32"
+    assert "torch_autocast" not in student_config(cfg, dp=2, dtype=torch.float32, device=torch.device("cpu"))
     t = teacher_config(c)
     assert t["zero_optimization"]["stage3_param_persistence_threshold"] == 0 and "gradient_clipping" not in t
     raw = tmp_path / "ds.json"

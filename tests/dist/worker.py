@@ -11,6 +11,10 @@ Scenarios:
            ar and star runs as above; a checkpoint of the star run at step 10.
   resume1  1 rank: the tp2dp2 checkpoint (other world, other TP) continued to step 20.
   tp2_perturb  2 ranks, TP = 2: the replica check before and after one rank's norm weight moves.
+  bf16     2 ranks, ZeRO-3, train.precision=bf16: star losses and the sharded teacher's EMA as in
+           dp2; the consolidated state through a fresh engine and back; fp32 star with a chunked
+           head cross-entropy.
+  tp2recompute  2 ranks, TP = 2: star with and without activation checkpointing.
 """
 from __future__ import annotations
 
@@ -93,6 +97,44 @@ def tp_check() -> dict:
             "loss": loss.item(), "ref_loss": ref_loss.item(), "grad_max_diff": grad_diff, "grad_scale": grad_scale}
 
 
+def consolidation_roundtrip(objective: str, *extra: str) -> dict:
+    """Train, consolidate, load into a fresh engine: the consolidated state comes back bit for bit
+    and both engines take the same next step."""
+    cfg = common.config(objective, *extra, world=dist.get_world_size())
+    batches = common.batches(4, 2 if objective == "star" else 1)
+    a = DeepSpeedEngine(common.build(cfg), cfg)
+    for b in batches[:3]:
+        a.train_step(*common.rank_slice(b, a.dp_rank, a.dp_size))
+    shared = [a.state_dict()]  # consolidated on rank 0 (None elsewhere): every rank loads it
+    dist.broadcast_object_list(shared, src=0)
+    state = shared[0]
+    b_engine = DeepSpeedEngine(common.build(cfg), cfg)
+    b_engine.load_state_dict(state)
+    b_engine.step = state["optimizer_step"]  # as load_checkpoint does: ST-AR's draws follow the step
+    again = b_engine.state_dict() or state  # compared on rank 0
+
+    def max_diff(x, y):
+        if isinstance(x, dict):
+            return max([max_diff(x[k], y[k]) for k in x] or [0.0])
+        if isinstance(x, torch.Tensor):
+            return (x.float() - y.float()).abs().max().item() if x.numel() else 0.0
+        return 0.0 if x == y else float("inf")
+    last = [e.train_step(*common.rank_slice(batches[3], e.dp_rank, e.dp_size))["loss"] for e in (a, b_engine)]
+    return {"state_max_diff": max_diff(state, again), "next_losses": last, "dtype": str(a.dtype)}
+
+
+def chunked_head_run() -> dict:
+    """fp32 star under ZeRO-3 with the head's cross-entropy cut into 5-row chunks (the head module
+    runs once per chunk, and again per chunk in backward)."""
+    from star_scale.models import head_loss
+
+    default, head_loss.CHUNK_ELEMENTS = head_loss.CHUNK_ELEMENTS, 5 * 64
+    try:
+        return run("star", 2, 1)
+    finally:
+        head_loss.CHUNK_ELEMENTS = default
+
+
 def resume1(ckpt_dir: Path) -> dict:
     cfg = common.config("star", "parallel.tp=1", world=1)
     module = common.build(cfg)
@@ -138,6 +180,13 @@ def main() -> None:
         results["star"] = run("star", 4, 2, ckpt_dir=out_dir / "ckpt")
     elif scenario == "tp2_perturb":
         results = tp2_perturb()
+    elif scenario == "bf16":  # 2 ranks, ZeRO-3, train.precision=bf16 (the autocast policy)
+        results["star"] = run("star", 2, 1, "train.precision=bf16")
+        results["roundtrip"] = consolidation_roundtrip("star", "train.precision=bf16")
+        results["star_chunked_ce"] = chunked_head_run()
+    elif scenario == "tp2recompute":  # 2 ranks, TP = 2, ZeRO-3: activation checkpointing on vs off
+        results["star"] = run("star", 2, 2)
+        results["star_recompute"] = run("star", 2, 2, "parallel.activation_checkpointing=true")
     elif scenario == "resume1":
         results["star"] = resume1(out_dir / "ckpt")
     else:

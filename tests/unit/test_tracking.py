@@ -18,8 +18,9 @@ def test_resumed_run_continues_one_mlflow_run(tiny_cfg):
     assert run.info.status == "FINISHED"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps == list(range(1, cfg.train.steps + 1))  # continuous, no gap at the resume
-    for key in ("loss_ar", "lr", "grad_norm", "tokens_seen", "samples_per_s", "mfu", "memory_gib"):
+    for key in ("loss_ar", "lr", "grad_norm", "tokens_seen", "samples_per_s", "memory_gib"):
         assert client.get_metric_history(run.info.run_id, key), key
+    assert not client.get_metric_history(run.info.run_id, "mfu")  # a CPU has no peak in the table: unknown
     assert run.data.params["model.preset"] == "tiny"
     assert run.data.params["optimizer.lr"] == "0.001"  # params come back as strings
     assert "host" in run.data.tags
