@@ -67,7 +67,8 @@ class DeepSpeedEngine:
         self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
         self.teacher = None
         if ema is not None and cfg.parallel.zero_stage == 3:  # partitioned first: see ShardedTeacher
-            self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype, L.tp_group)
+            self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype, L.tp_group,
+                                          self.device)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False,

@@ -48,11 +48,11 @@ class ShardedTeacher:
     """Partitioned before the student's engine exists, so that the start-up never holds two whole copies:
     the whole student and the teacher's partition, then the student's partitions (``start_from``)."""
 
-    def __init__(self, ema: EMATeacher, ds_config: dict, mpu, dtype: torch.dtype, tp_group):
+    def __init__(self, ema: EMATeacher, ds_config: dict, mpu, dtype: torch.dtype, tp_group, device: torch.device):
         self.decay = ema.decay
         self.model = ema.model
         self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config, mpu=mpu, dist_init_required=False,
-                                               args=deepspeed_args(next(student.parameters()).device))
+                                               args=deepspeed_args(device))
         self.engine.eval()
         self.tp_group = tp_group
         self.names = [n for n, _ in self.model.named_parameters()]
