@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from star_scale.console.progress import progress
 
 from star_scale.evaluate.adm_npz import check_images, iter_npz_batches, npz_keys, write_npz_streaming
 
@@ -23,7 +23,7 @@ def compute_features(model: Callable, batches: Iterable[np.ndarray], device="cpu
                      desc: str = "inception") -> dict:
     """Run (n, H, W, 3) uint8 batches through the Inception model -> {'pool', 'spatial', 'logits'} arrays."""
     parts = {k: [] for k in FEATURE_KEYS}
-    with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+    with progress(total=total, desc=desc, unit="img", leave=False) as bar:
         for batch in batches:
             out = model(torch.from_numpy(np.array(batch, copy=True)).to(device))  # streamed batches are read-only
             for k in FEATURE_KEYS:

@@ -14,9 +14,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from star_scale.config import Config, ConfigError, save_config
+from star_scale.console.progress import progress
 from star_scale.data.loader import TokenLoader
 from star_scale.data.store import open_store
 from star_scale.models.build import build_model
@@ -170,7 +169,8 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
     stop = StopSignals()
     last = {}
     start = step
-    bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.name, disable=not engine.is_main, dynamic_ncols=True)
+    # In a log file the report line every train.log_every steps is the progress; time-based lines fill long gaps.
+    bar = progress(total=cfg.train.steps, initial=step, desc=cfg.name, unit="step", disable=not engine.is_main)
     try:
         while step < cfg.train.steps and (stop_after is None or step - start < stop_after):
             batch = next(batches)

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer or lower ones):
 
-    atomic, models.presets (leaf tables every layer may read)
+    atomic, models.presets, console (leaves every layer may use)
     config
     models, data, tokenizer
     objectives
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "star_scale"
 
 LAYERS = [
-    ["atomic", "models.presets"],
+    ["atomic", "models.presets", "console"],
     ["config"],
     ["models", "data", "tokenizer"],
     ["objectives"],
