@@ -93,6 +93,7 @@ PASSTHROUGH = {
     "sample": ("star_scale.evaluate.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),
     "probe": ("star_scale.evaluate.probe", "linear-probe accuracy of a model's middle-layer features"),
+    "report": ("star_scale.train.report", "a run's curves as report.png and its last values as report.md"),
 }
 
 

@@ -160,6 +160,7 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
                  "samples_per_s": rate["tokens_per_s"] / (module.views * store.tokens_per_image)}
         tracker.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **rate,
                              **memory_stats(engine.device), **extra}, step)
+        record.update(rate)  # into metrics.jsonl too, for `star-scale report`
         if engine.is_main:
             log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %.2f%%", step, record["loss"],
                      " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss_", "probe_"))),
@@ -180,8 +181,6 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
             record = {"step": step, **metrics}
             if cfg.train.probe_every and step % cfg.train.probe_every == 0:
                 record["probe_acc"] = live_probe(cfg, module.student, store)
-            if metrics_log:
-                metrics_log.write(record)
             last = record
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -189,6 +188,8 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             elif "probe_acc" in record:
                 tracker.log_metrics({"probe_acc": record["probe_acc"]}, step)
+            if metrics_log:  # after report(), which adds tokens/s and MFU at log steps
+                metrics_log.write(record)
             if stop.should_stop(engine.device):
                 save()
                 stop.requeue_if_asked(engine.is_main)
