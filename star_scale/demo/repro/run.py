@@ -95,6 +95,7 @@ def run_one(out: Path, config: str, seed: int) -> dict:
     from star_scale.config import load_config
     from star_scale.demo.run import student_from_checkpoint
     from star_scale.train.loop import train
+    from star_scale.train.report import write_report
 
     settings = json.loads((out / SETTINGS_FILE).read_text())
     torch.set_num_threads(int(settings["threads"]))
@@ -104,13 +105,14 @@ def run_one(out: Path, config: str, seed: int) -> dict:
     recipe = Path(settings["recipes"]) / f"{config}.yaml"
     overrides = [f"name={name}", f"data.path={data['train']}", f"train.out_dir={run_dir}",
                  f"train.seed={seed}", f"data.seed={seed}", "tracking.enabled=false", "train.device=cpu",
-                 *settings["overrides"]]
+                 *settings.get("dataset_overrides", []), *settings["overrides"]]
     cfg = load_config(recipe, overrides)
     t0 = time.time()
     summary = train(cfg, recipe=str(recipe))
     train_seconds = time.time() - t0
     if summary["step"] < cfg.train.steps:
         raise RuntimeError(f"{name}: training stopped at step {summary['step']} of {cfg.train.steps}")
+    write_report(run_dir, mlflow=False)
     judge, _ = load_or_train_judge(out, data, settings["classifier_epochs"], settings["samples_per_class"])
     model = student_from_checkpoint(cfg, run_dir)
     ev = evaluate_run(model, data, judge, {**settings, "_grid_path": str(run_dir / "samples.png")},
