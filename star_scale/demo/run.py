@@ -11,7 +11,6 @@ and a short summary printed at the end.  Re-running skips what is done.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from star_scale import atomic
 from star_scale.config import load_config
@@ -28,14 +26,13 @@ from star_scale.demo.data import SHAPES, make_demo_images
 from star_scale.demo.digits import DIGITS, make_digit_images, real_centre_crops
 from star_scale.demo.repro.run import sample_images
 from star_scale.demo.scores import inception_fid, judge_accuracy, train_demo_judge
+from star_scale.demo.student import student_from_checkpoint
 from star_scale.evaluate.probe import probe_accuracy, read_tokens
 from star_scale.evaluate.sample import save_grid
-from star_scale.models.build import build_model
 from star_scale.tokenizer import load_tokenizer, psnr, reconstruction_grid
 from star_scale.train.loop import train
 from star_scale.train.report import write_report
 
-log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 # Per dataset: classes, training steps, and the class names.
@@ -57,16 +54,6 @@ def tokenize(images: Path, store: Path) -> None:
     cmd = [sys.executable, "-m", "tokenize_data", str(images), str(store), "--tokenizer", "patch-kmeans",
            "--image-size", str(IMAGE_SIZE), "--shard-size", "512", "--no-progress"]
     subprocess.run(cmd, check=True)
-
-
-def student_from_checkpoint(cfg, run_dir: Path) -> torch.nn.Module:
-    from star_scale.train.checkpoint import CheckpointDir
-
-    step, state = CheckpointDir(run_dir / "checkpoints").load_latest()
-    weights = {k[len("student."):]: v for k, v in state["engine"]["module"].items() if k.startswith("student.")}
-    model = build_model(cfg)
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 def demo_probe(cfg, model, store_path: Path) -> float:

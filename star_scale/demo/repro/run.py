@@ -93,7 +93,7 @@ def _save_grid(images: np.ndarray, cols: int, path: Optional[str]) -> None:
 def run_one(out: Path, config: str, seed: int) -> dict:
     """Train one (config, seed) (resuming), evaluate it, write its result.json."""
     from star_scale.config import load_config
-    from star_scale.demo.run import student_from_checkpoint
+    from star_scale.demo.student import student_from_checkpoint
     from star_scale.train.loop import train
     from star_scale.train.report import write_report
 
