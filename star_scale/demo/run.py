@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from star_scale import atomic
 from star_scale.config import load_config
@@ -46,7 +47,10 @@ DEMO_OVERRIDES = [
     "train.probe_every=500", "train.probe_images=512",
 ]
 GRID_COLS, JUDGE_EPOCHS, CFG_SCALE = 8, 6, 2.0
-FID_SAMPLES_PER_CLASS, FID_REAL = 20, 400  # Inception on CPU: ~5 images/s per core
+# LlamaGen samples ImageNet with top-k 2000 of 16384 codes; the same eighth of this 512-code book.
+TOP_K = 64
+SAMPLES_PER_CLASS = 20  # judged; the first FID_SAMPLES_PER_CLASS of each class also go to FID
+FID_SAMPLES_PER_CLASS, FID_REAL = 10, 200  # Inception on CPU: ~4 images/s per core
 
 
 def tokenize(images: Path, store: Path) -> None:
@@ -72,10 +76,13 @@ def make_images(dataset: str, folder: Path, per_class: int) -> Path:
 
 def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset: str = "digits",
              per_class: int = 128, fid: bool = True, judge_epochs: int = JUDGE_EPOCHS,
-             samples_per_class: int = FID_SAMPLES_PER_CLASS) -> dict:
+             samples_per_class: int = SAMPLES_PER_CLASS, fid_per_class: int = FID_SAMPLES_PER_CLASS,
+             fid_real: int = FID_REAL) -> dict:
     if dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
     spec = DATASETS[dataset]
+    # One thread: a tiny model on a few shared cores runs many times slower with more (see NOTES.md).
+    torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -93,8 +100,10 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     report = write_report(cfg.run_dir(), mlflow=cfg.tracking.enabled)
 
     model = student_from_checkpoint(cfg, cfg.run_dir())
-    samples, labels = sample_images(model, tokenizer, spec["classes"], samples_per_class, CFG_SCALE, seed=0)
-    grid = samples.reshape(spec["classes"], samples_per_class, *samples.shape[1:])[:, :GRID_COLS]
+    samples, labels = sample_images(model, tokenizer, spec["classes"], samples_per_class, CFG_SCALE, seed=0,
+                                    top_k=TOP_K)
+    by_class = samples.reshape(spec["classes"], samples_per_class, *samples.shape[1:])
+    grid = by_class[:, :GRID_COLS]
     save_grid(grid.reshape(-1, *samples.shape[1:]), out / "samples.png", nrow=min(GRID_COLS, samples_per_class),
               scale=3)
     real, real_labels = real_centre_crops(images, IMAGE_SIZE)
@@ -107,8 +116,9 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     metrics = {"probe_top1": demo_probe(cfg, model, store_path), f"judge_accuracy_cfg{CFG_SCALE:g}": accuracy,
                "judge_heldout_accuracy": judge_val}
     if fid:
-        pick = np.random.default_rng(0).permutation(len(real))[:FID_REAL]
-        metrics["inception_fid"] = inception_fid(samples, real[pick])
+        pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
+        fid_samples = by_class[:, :fid_per_class].reshape(-1, *samples.shape[1:])
+        metrics["inception_fid"] = inception_fid(fid_samples, real[pick])
     result = {
         "dataset": dataset, "images": len(store), "classes": spec["classes"], "class_names": spec["names"],
         "tokens_per_image": store.tokens_per_image,
@@ -116,7 +126,7 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
         "tokenizer_psnr_db": round(psnr(real, np.asarray(tokenizer.decode(tokenizer.encode(real)))), 2),
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
         "judge_per_class_accuracy": [round(a, 3) for a in per_class_acc],
-        "fid_images": {"samples": int(len(samples)), "real": int(min(FID_REAL, len(real)))} if fid else None,
+        "fid_images": {"samples": int(len(fid_samples)), "real": int(len(pick))} if fid else None,
         "train": {k: v for k, v in summary.items() if k != "run_dir"},
         "seconds": {"tokenize": round(t_tok - t0, 1), "train": round(t_train - t_tok, 1),
                     "sample_and_judge": round(t_judge - t_train, 1), "probe_and_fid": round(time.time() - t_judge, 1),

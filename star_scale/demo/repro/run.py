@@ -30,14 +30,14 @@ def validation_loss(model, codes: np.ndarray, labels: np.ndarray, batch: int = 2
 
 @torch.no_grad()
 def sample_images(model, tokenizer, num_classes: int, per_class: int, cfg_scale: float, seed: int,
-                  batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                  batch: int = 256, top_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """per_class samples of every class, uint8 (N, H, W, 3), with the same per-sample noise for every model."""
     from star_scale.models.generate import generate
 
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     t = model.args.grid_size ** 2
     noise = torch.rand(len(labels), t, generator=torch.Generator().manual_seed(seed))
-    codes = [generate(model, labels[s: s + batch], cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0,
+    codes = [generate(model, labels[s: s + batch], cfg_scale=cfg_scale, temperature=1.0, top_k=top_k, top_p=1.0,
                       noise=noise[s: s + batch]) for s in range(0, len(labels), batch)]
     return np.asarray(tokenizer.decode(torch.cat(codes))), labels.numpy()
 
