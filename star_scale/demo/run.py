@@ -37,8 +37,8 @@ from star_scale.train.report import write_report
 
 IMAGE_SIZE = 32
 # Per dataset: classes, training steps, and the class names.
-DATASETS = {"digits": {"classes": 10, "steps": 1500, "names": DIGITS},
-            "shapes": {"classes": 8, "steps": 600, "names": SHAPES}}
+DATASETS = {"digits": {"classes": 10, "steps": 1500, "names": DIGITS, "what": "real handwritten digits"},
+            "shapes": {"classes": 8, "steps": 600, "names": SHAPES, "what": "generated shape images"}}
 # The embedded default: the tiny preset with ST-AR on the demo's tokens.
 DEMO_OVERRIDES = [
     "name=demo", "model.preset=tiny", "model.vocab_size=512", "model.grid_size=8",
@@ -143,7 +143,7 @@ def human_summary(r: dict) -> str:
     m, s = r["metrics"], r["seconds"]
     chance = 100 / r["classes"]
     lines = [
-        f"star-scale demo: {r['images']} real {r['dataset']} images, {r['classes']} classes, "
+        f"star-scale demo: {r['images']} {DATASETS[r['dataset']]['what']}, {r['classes']} classes, "
         f"{r['tokens_per_image']} tokens each (tokenizer PSNR {r['tokenizer_psnr_db']:.1f} dB)",
         f"  trained ST-AR `tiny` for {r['train']['step']} steps in {s['train']:.0f} s "
         f"(final L_AR {r['train'].get('loss_ar', float('nan')):.3f})",

@@ -27,7 +27,6 @@ KNOWN_REFERENCES: dict[str, tuple[int, Optional[str]]] = {
     "VIRTUAL_imagenet512.npz": (512, None),
     "VIRTUAL_lsun_bedroom256.npz": (256, None),
 }
-ADM_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
 
 
 def image_resolution(path: str | os.PathLike) -> Optional[int]:

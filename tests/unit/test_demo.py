@@ -19,7 +19,7 @@ def test_demo_on_digits_end_to_end_small(tmp_path, one_thread):
     assert 0 <= m["probe_top1"] <= 1 and 0 <= m["judge_accuracy_cfg2"] <= 1 and m["inception_fid"] > 0
     assert summary["fid_images"] == {"samples": 20, "real": 12}
     text = human_summary(summary)
-    assert "1797 real digits images, 10 classes" in text and "Inception FID vs the real images" in text
+    assert "1797 real handwritten digits, 10 classes" in text and "Inception FID vs the real images" in text
     assert not text.lstrip().startswith("{")  # a summary for people; the JSON stays in summary.json
     # Re-running resumes: training is not redone.
     again = run_demo(out, steps=4, judge_epochs=1, samples_per_class=3, fid=False)
