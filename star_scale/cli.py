@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="end to end on real digits: tokenize, train tiny, sample, probe, judge, FID, report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: 1500 digits, 600 shapes)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: 1000 digits, 600 shapes)")
     d.add_argument("--dataset", choices=["digits", "shapes"], default="digits",
                    help="digits: scikit-learn's real handwritten digits (default); shapes: generated shapes")
     d.set_defaults(fn=cmd_demo)

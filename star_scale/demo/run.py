@@ -37,7 +37,7 @@ from star_scale.train.report import write_report
 
 IMAGE_SIZE = 32
 # Per dataset: classes, training steps, and the class names.
-DATASETS = {"digits": {"classes": 10, "steps": 1500, "names": DIGITS, "what": "real handwritten digits"},
+DATASETS = {"digits": {"classes": 10, "steps": 1000, "names": DIGITS, "what": "real handwritten digits"},
             "shapes": {"classes": 8, "steps": 600, "names": SHAPES, "what": "generated shape images"}}
 # The embedded default: the tiny preset with ST-AR on the demo's tokens.
 DEMO_OVERRIDES = [
