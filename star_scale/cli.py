@@ -84,12 +84,12 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from star_scale.demo.run import run_demo
+    from star_scale.demo.run import human_summary, run_demo
     from star_scale.train.loop import setup_logging
 
     setup_logging()
-    summary = run_demo(args.out, steps=args.steps)
-    print(json.dumps(summary, indent=1))
+    summary = run_demo(args.out, steps=args.steps, dataset=args.dataset)
+    print(human_summary(summary))
     return 0
 
 
@@ -104,6 +104,7 @@ PASSTHROUGH = {
     "sample": ("star_scale.evaluate.sample", "class-conditional samples to an ADM-format .npz + PNG grid (multi-rank, resumable)"),
     "evaluate": ("star_scale.evaluate", "FID, sFID, IS, precision/recall of an .npz against a reference batch"),
     "probe": ("star_scale.evaluate.probe", "linear-probe accuracy of a model's middle-layer features"),
+    "report": ("star_scale.train.report", "a run's curves as report.png and its last values as report.md"),
 }
 
 
@@ -149,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(fn=cmd_tokenize)
 
-    d = sub.add_parser("demo", help="end to end on generated images: tokenize, train tiny, sample a grid")
+    d = sub.add_parser("demo", help="end to end on real digits: tokenize, train tiny, sample, probe, judge, FID, report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: 1000 digits, 600 shapes)")
+    d.add_argument("--dataset", choices=["digits", "shapes"], default="digits",
+                   help="digits: scikit-learn's real handwritten digits (default); shapes: generated shapes")
     d.set_defaults(fn=cmd_demo)
 
     for name, (_, help_text) in PASSTHROUGH.items():

@@ -64,10 +64,9 @@ def run(source, out, *, tokenizer=None, image_size: int | None = None, crop_rang
     t0 = time.time()
     results = []
     if todo:
-        from tqdm import tqdm
+        from star_scale.console.progress import progress as progress_bar
 
-        bar = tqdm(total=images, unit="img", desc=f"tokenize {out.name}", disable=not progress, smoothing=0.1,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total=images, unit="img", desc=f"tokenize {out.name}", disable=not progress)
         workers = max(1, min(int(workers), len(todo)))
         if workers == 1:
             worker = _Worker(plan, tok, batch_size, bar.update)

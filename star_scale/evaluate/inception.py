@@ -16,7 +16,8 @@ Outputs, named after the TF tensors the ADM evaluator reads:
 - ``pool``: ``pool_3`` (N, 2048), for FID, precision and recall;
 - ``spatial``: ``mixed_6/conv`` (Mixed_6d's 1x1 branch, after ReLU), its first 7 channels,
   flattened in TF's (H, W, C) order: (N, 17 * 17 * 7 = 2023), for sFID;
-- ``logits``: ``pool @ fc.weight.T`` without the bias (N, 1008), for the Inception Score.
+- ``logits``: ``pool @ fc.weight.T`` without the bias (N, 1008), for the Inception Score; absent
+  when the weights have no classifier (the default ones, ``inception_default.py``).
 """
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ class InceptionV3(nn.Module):
         """images: (N, H, W, 3) uint8 (or floats in [0, 255]) -> {'pool', 'spatial', 'logits'}."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected (N, H, W, 3) images, got shape {tuple(images.shape)}")
-        dtype = self.fc.weight.dtype
+        dtype = self.Conv2d_1a_3x3.conv.weight.dtype
         x = images.permute(0, 3, 1, 2).to(dtype)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = resize_bilinear_tf1(x, self.input_size)
@@ -203,7 +204,10 @@ class InceptionV3(nn.Module):
         pool = x.mean(dim=(2, 3))
         spatial = self._spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
         self._spatial = None
-        return {"pool": pool.float(), "spatial": spatial.float(), "logits": (pool @ self.fc.weight.T).float()}
+        out = {"pool": pool.float(), "spatial": spatial.float()}
+        if self.fc is not None:  # weights without the classifier (default_1.pt) give no logits
+            out["logits"] = (pool @ self.fc.weight.T).float()
+        return out
 
 
 def load_inception(path: str | os.PathLike, device="cpu") -> InceptionV3:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+from star_scale.console.progress import progress as progress_bar
 from star_scale import atomic
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ def extract_features(model, tokens, layer: int, steps: int = 8, batch_size: int 
     model.eval()
     out = []
     try:
-        for s in tqdm(range(0, len(tokens), batch_size), desc="probe features", unit="batch",
-                      disable=not progress, leave=False):
+        for s in progress_bar(range(0, len(tokens), batch_size), desc="probe features", unit="batch",
+                          disable=not progress, leave=False):
             x = tokens[s: s + batch_size].to(device)
             null = torch.full((len(x),), a.num_classes, dtype=torch.long, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -138,7 +138,7 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: i
     warmup = min(warmup_epochs / max(epochs, 1), 0.99)
     probe.train()
     step = 0
-    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
+    for _ in progress_bar(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(x), generator=gen).to(device)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size: (b + 1) * batch_size]

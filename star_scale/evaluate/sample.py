@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from star_scale.console.progress import progress
 
 from star_scale import atomic
 from star_scale.evaluate.adm_npz import write_npz_streaming
@@ -169,7 +169,7 @@ def sample_batches(model: GPT, decode: Decoder, work: Path, s: SampleSettings, r
     labels = make_labels(s.num_samples, model.args.num_classes, s.seed, s.classes)
     mine = [i for i in batches_of_rank(s.num_batches, rank, world) if not batch_file(work, i).exists()]
     made = []
-    for i in tqdm(mine, desc=f"sampling (rank {rank})", unit="batch", disable=rank != 0 and world > 1):
+    for i in progress(mine, desc=f"sampling (rank {rank})", unit="batch", disable=rank != 0 and world > 1):
         idx = np.arange(i * s.batch_size, min((i + 1) * s.batch_size, s.num_samples))
         batch = make_batch(model, decode, labels[idx], idx, s, device)
         write_npz_streaming(batch_file(work, i), batch)
@@ -201,7 +201,7 @@ def assemble(work: Path, out: Path, s: SampleSettings) -> Path:
         shape = f["images"].shape[1:]
 
     def chunks(key):
-        for i in tqdm(range(s.num_batches), desc=f"assembling {key}", unit="batch", leave=False):
+        for i in progress(range(s.num_batches), desc=f"assembling {key}", unit="batch", leave=False):
             with np.load(batch_file(work, i)) as f:
                 yield f[key]
 

@@ -14,9 +14,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from star_scale.config import Config, ConfigError, save_config
+from star_scale.console.progress import progress
 from star_scale.data.loader import TokenLoader
 from star_scale.models.build import build_model
 from star_scale.objectives.module import build_training_module
@@ -172,6 +171,7 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
         known = {k: v for k, v in rate.items() if v is not None}  # MFU of an unknown device is not logged
         tracker.log_metrics({**{k: v for k, v in record.items() if k != "step"}, **known,
                              **memory_stats(engine.device), **extra}, step)
+        record.update(rate)  # into metrics.jsonl too, for `star-scale report`
         if engine.is_main:
             mfu = "unknown" if rate["mfu"] is None else f"{100 * rate['mfu']:.2f}%"
             log.info("step %d | loss %.4f | %s | %.0f tok/s | MFU %s", step, record["loss"],
@@ -180,18 +180,13 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
 
     pending = PendingMetrics()
 
-    def flush(last: dict) -> dict:
-        for record in pending.flush():
-            if metrics_log:
-                metrics_log.write(record)
-            last = record
-        return last
 
     batches = iter(loader)
     stop = StopSignals()
     last = {}
     start = step
-    bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.name, disable=not engine.is_main, dynamic_ncols=True)
+    # In a log file the report line every train.log_every steps is the progress; time-based lines fill long gaps.
+    bar = progress(total=cfg.train.steps, initial=step, desc=cfg.name, unit="step", disable=not engine.is_main)
     try:
         while step < cfg.train.steps and (stop_after is None or step - start < stop_after):
             batch = next(batches)
@@ -204,13 +199,17 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
             bar.update(1)
             stopping = stop.should_stop(engine.device, step, cfg.train.stop_check_every)
             logged = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            flushed = []
             if logged or probed or stopping or step % cfg.train.ckpt_every == 0 or stop_after == step - start:
-                last = flush(last)  # one device read for every step since the last one
+                flushed = pending.flush()  # one device read for every step since the last one
+                last = flushed[-1] if flushed else last
             if logged:
                 report(last, meter.read())
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             elif probed:
                 tracker.log_metrics({"probe_acc": last["probe_acc"]}, step)
+            for record in flushed if metrics_log else ():  # after report(), which adds tokens/s and MFU
+                metrics_log.write(record)
             if stopping:
                 save()
                 stop.requeue_if_asked(engine.is_main)

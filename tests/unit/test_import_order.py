@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer or lower ones):
 
-    atomic, trust, models.presets (leaf tables and file safety every layer may use)
+    atomic, trust, models.presets, console (leaves every layer may use: file safety, progress)
     config
     models, data, tokenizer
     objectives
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "star_scale"
 
 LAYERS = [
-    ["atomic", "trust", "models.presets"],
+    ["atomic", "trust", "models.presets", "console"],
     ["config"],
     ["models", "data", "tokenizer"],
     ["objectives"],

@@ -51,6 +51,7 @@ import torch
 from star_scale.demo.repro.judge import load_or_train_judge
 from star_scale.demo.repro.plan import (
     CONFIGS,
+    DATASET_OVERRIDES,
     RESULT_FILE,
     RESULT_KEYS,
     SETTINGS_FILE,
@@ -77,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", default=CONFIGS, help=f"configs to run (default: {' '.join(CONFIGS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--jobs", type=int, default=None, help="runs at once, one process each (default: min(2, cores))")
-    p.add_argument("--per-class", type=int, default=512, help="training images per class (default 512)")
+    p.add_argument("--dataset", choices=["shapes", "digits"], default="shapes",
+                   help="shapes: generated shapes (default); digits: scikit-learn's real handwritten digits "
+                        "(10 classes, a fixed 80/20 split: ~144 train / 36 val per class)")
+    p.add_argument("--per-class", type=int, default=512, help="training images per class (default 512; digits: "
+                                                               "at most the split's)")
     p.add_argument("--val-per-class", type=int, default=128, help="validation images per class (default 128)")
     p.add_argument("--palette", type=int, default=8, help="colours drawn from a palette of this many (default 8; "
                    "0: any RGB colour, the demo's default); see demo_data.draw_shape")
@@ -112,6 +117,7 @@ def _settings(args, out: Path) -> dict:
         raise SystemExit(f"star-scale repro: no recipe {', '.join(f'{c}.yaml' for c in missing)} in {recipes} (--recipes)")
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     return {
+        "dataset": args.dataset, "dataset_overrides": DATASET_OVERRIDES[args.dataset],
         "per_class": args.per_class, "val_per_class": args.val_per_class, "seeds_data": [0, 1],
         "palette": args.palette, "clutter": args.clutter,
         "classifier_epochs": args.classifier_epochs, "samples_per_class": args.samples_per_class,
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
         print(f"star-scale repro: {len(tasks)} runs ({len(args.configs)} configs x {len(args.seeds)} seeds) in {out}, "
               f"{settings['jobs']} at a time x {settings['threads']} threads", flush=True)
         data = prepare_data(out, args.per_class, args.val_per_class, tuple(settings["seeds_data"]),
-                            palette=args.palette or None, clutter=args.clutter)
+                            palette=args.palette or None, clutter=args.clutter, dataset=args.dataset)
         settings["data"] = data
         _atomic_json(out / SETTINGS_FILE, settings)
         print(f"data: {data['train_images']} train / {data['val_images']} val images, {data['classes']} classes "

@@ -24,8 +24,10 @@ IMAGE_SIZE = 32
 SETTINGS_FILE = "settings.json"
 RESULT_FILE = "result.json"
 # Settings that change the numbers: a folder with results made under other values is refused.
-RESULT_KEYS = ("per_class", "val_per_class", "seeds_data", "palette", "clutter", "classifier_epochs",
+RESULT_KEYS = ("dataset", "per_class", "val_per_class", "seeds_data", "palette", "clutter", "classifier_epochs",
                "samples_per_class", "cfg_scale", "sample_seed", "probe_epochs", "overrides", "recipes_sha")
+# Config overrides a dataset needs beyond recipes/repro (written for the 8 shape classes).
+DATASET_OVERRIDES = {"shapes": [], "digits": ["model.num_classes=10"]}
 
 
 def default_recipes() -> Path:
@@ -65,17 +67,35 @@ def read_split(store, crop: Optional[int] = CENTER_CROP) -> tuple[np.ndarray, np
 
 
 # ---- 1. data -----------------------------------------------------------------------------------
-def prepare_data(out: Path, per_class: int, val_per_class: int, seeds_data: tuple[int, int] = (0, 1),
-                 palette: Optional[int] = None, clutter: int = 3) -> dict:
-    """Generated train/val image folders -> two token stores sharing one fitted tokenizer."""
-    from star_scale.data.store import open_store
+def digit_split(split: str, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of the real digits of one split (a fixed stratified 80/20), at most per_class per class."""
+    from star_scale.demo.digits import load_digit_arrays, split as split_digits
+
+    _, labels = load_digit_arrays()
+    idx = split_digits(labels, seed=seed)[0 if split == "train" else 1]
+    return np.concatenate([idx[labels[idx] == c][:per_class] for c in np.unique(labels)])
+
+
+def make_split_images(folder: Path, dataset: str, split: str, per_class: int, seed: int,
+                      palette: Optional[int], clutter: int) -> Path:
+    if dataset == "digits":
+        from star_scale.demo.digits import make_digit_images
+        return make_digit_images(folder, digit_split(split, per_class), size=IMAGE_SIZE)
     from star_scale.demo.data import SHAPES, make_demo_images
+    return make_demo_images(folder, classes=len(SHAPES), per_class=per_class, size=IMAGE_SIZE + 4, seed=seed,
+                            palette=palette, clutter=clutter)
+
+
+def prepare_data(out: Path, per_class: int, val_per_class: int, seeds_data: tuple[int, int] = (0, 1),
+                 palette: Optional[int] = None, clutter: int = 3, dataset: str = "shapes") -> dict:
+    """Train/val image folders (generated shapes, or the real digits split 80/20) -> two token
+    stores sharing one fitted tokenizer."""
+    from star_scale.data.store import open_store
 
     data = out / "data"
     paths = {"train": data / "train.zarr", "val": data / "val.zarr"}
     for split, n, seed in (("train", per_class, seeds_data[0]), ("val", val_per_class, seeds_data[1])):
-        images = make_demo_images(data / f"{split}_images", classes=len(SHAPES), per_class=n,
-                                  size=IMAGE_SIZE + 4, seed=seed, palette=palette, clutter=clutter)
+        images = make_split_images(data / f"{split}_images", dataset, split, n, seed, palette, clutter)
         tokenizer = "patch-kmeans" if split == "train" else str(open_store(paths["train"]).tokenizer_path)
         cmd = [sys.executable, "-m", "tokenize_data", str(images), str(paths[split]), "--tokenizer", tokenizer,
                "--image-size", str(IMAGE_SIZE), "--shard-size", "1024", "--chunk-size", "128", "--no-progress"]

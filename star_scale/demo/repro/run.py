@@ -30,14 +30,14 @@ def validation_loss(model, codes: np.ndarray, labels: np.ndarray, batch: int = 2
 
 @torch.no_grad()
 def sample_images(model, tokenizer, num_classes: int, per_class: int, cfg_scale: float, seed: int,
-                  batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                  batch: int = 256, top_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """per_class samples of every class, uint8 (N, H, W, 3), with the same per-sample noise for every model."""
     from star_scale.models.generate import generate
 
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     t = model.args.grid_size ** 2
     noise = torch.rand(len(labels), t, generator=torch.Generator().manual_seed(seed))
-    codes = [generate(model, labels[s: s + batch], cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0,
+    codes = [generate(model, labels[s: s + batch], cfg_scale=cfg_scale, temperature=1.0, top_k=top_k, top_p=1.0,
                       noise=noise[s: s + batch]) for s in range(0, len(labels), batch)]
     return np.asarray(tokenizer.decode(torch.cat(codes))), labels.numpy()
 
@@ -93,8 +93,9 @@ def _save_grid(images: np.ndarray, cols: int, path: Optional[str]) -> None:
 def run_one(out: Path, config: str, seed: int) -> dict:
     """Train one (config, seed) (resuming), evaluate it, write its result.json."""
     from star_scale.config import load_config
-    from star_scale.demo.run import student_from_checkpoint
+    from star_scale.demo.student import student_from_checkpoint
     from star_scale.train.loop import train
+    from star_scale.train.report import write_report
 
     settings = json.loads((out / SETTINGS_FILE).read_text())
     torch.set_num_threads(int(settings["threads"]))
@@ -104,13 +105,14 @@ def run_one(out: Path, config: str, seed: int) -> dict:
     recipe = Path(settings["recipes"]) / f"{config}.yaml"
     overrides = [f"name={name}", f"data.path={data['train']}", f"train.out_dir={run_dir}",
                  f"train.seed={seed}", f"data.seed={seed}", "tracking.enabled=false", "train.device=cpu",
-                 *settings["overrides"]]
+                 *settings.get("dataset_overrides", []), *settings["overrides"]]
     cfg = load_config(recipe, overrides)
     t0 = time.time()
     summary = train(cfg, recipe=str(recipe))
     train_seconds = time.time() - t0
     if summary["step"] < cfg.train.steps:
         raise RuntimeError(f"{name}: training stopped at step {summary['step']} of {cfg.train.steps}")
+    write_report(run_dir, mlflow=False)
     judge, _ = load_or_train_judge(out, data, settings["classifier_epochs"], settings["samples_per_class"])
     model = student_from_checkpoint(cfg, run_dir)
     ev = evaluate_run(model, data, judge, {**settings, "_grid_path": str(run_dir / "samples.png")},

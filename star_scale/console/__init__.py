@@ -1,0 +1,1 @@
+"""What people read: progress that suits the terminal or the log file it goes to."""
