@@ -1,5 +1,5 @@
 # Two entry points, each self-installing on a fresh machine:
-#   make demo   end-to-end run on generated images (tokenize, train tiny, sample)
+#   make demo   end-to-end run on real digits (tokenize, train tiny ST-AR, sample, probe, judge, FID)
 #   make test   the whole test suite (CPU: gloo multi-process, a local Slurm, a local mlflow server)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
