@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,8 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     summary = train(cfg)
     t_train = time.time()
     report = write_report(cfg.run_dir(), mlflow=cfg.tracking.enabled)
+    shutil.copyfile(report["png"], out / "report.png")  # beside samples.png, where a person looks first
+    report["png"] = str(out / "report.png")
 
     model = student_from_checkpoint(cfg, cfg.run_dir())
     samples, labels = sample_images(model, tokenizer, spec["classes"], samples_per_class, CFG_SCALE, seed=0,

@@ -54,7 +54,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         if drawn:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+            unknown = any(k in r for r in records for k in keys)  # logged as None: MFU without a peak FLOP/s
+            ax.text(0.5, 0.5, "unknown on this device" if unknown else "not logged in this run", ha="center",
+                    va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("step")
     axes.flat[-1].axis("off")

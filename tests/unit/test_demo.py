@@ -13,6 +13,7 @@ def test_demo_on_digits_end_to_end_small(tmp_path, one_thread):
     grid = Image.open(out / "samples.png")
     assert grid.size[1] > grid.size[0] > 100  # 10 rows (one per digit) of 3 samples
     assert (out / "reconstructions.png").is_file() and (out / "run" / "report.png").is_file()
+    assert (out / "report.png").read_bytes() == (out / "run" / "report.png").read_bytes()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokenizer_psnr_db"] > 15
     m = summary["metrics"]
