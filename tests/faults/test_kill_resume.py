@@ -13,6 +13,10 @@ def final_weights(run_dir):
     return torch.load(step / "engine.pt", weights_only=False)["module"]
 
 
+def learned(records):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in records]
+
+
 def test_kill_9_at_a_random_step_then_resume_is_bit_exact(train_args, tmp_path):
     steps = ["train.steps=60", "train.ckpt_every=5"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -29,6 +33,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(train_args, tmp_path):
     resumed = cli(*train_args(part, *steps))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    assert metrics(part) == metrics(full), f"killed at step {killed_at}"  # every line once, values exact
+    # Every line once, values exact; throughput (tokens/s, MFU at log steps) is wall time, not state.
+    assert learned(metrics(part)) == learned(metrics(full)), f"killed at step {killed_at}"
     a, b = final_weights(full), final_weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
