@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import ROOT, dist_env, torchrun_cmd  # noqa: E402
+from conftest import ROOT, dist_env, free_port, torchrun_cmd  # noqa: E402
 from test_resume import train_args  # noqa: E402
 
 
@@ -17,7 +17,7 @@ def test_second_job_is_refused_while_two_ranks_train(tmp_path, token_store):
     run = tmp_path / "run"
     with open(tmp_path / "ranks.log", "w") as f:
         job = subprocess.Popen(torchrun_cmd(2, *train_args(token_store, run, "train.steps=100000", "train.ckpt_every=1000"),
-                                            port=29681), env=dist_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                            port=free_port()), env=dist_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
         metrics = run / "metrics.jsonl"
@@ -37,5 +37,8 @@ def test_second_job_is_refused_while_two_ranks_train(tmp_path, token_store):
             f"star-scale: error: {run} is in use by another training job (host {holder['host']}, pid {holder['pid']}")
     finally:
         for proc in psutil.Process(job.pid).children(recursive=True) + [psutil.Process(job.pid)]:
-            proc.send_signal(signal.SIGKILL)
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:  # a rank that died with its sibling between the listing and the kill
+                pass
         job.wait()

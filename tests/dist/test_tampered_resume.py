@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import ROOT, dist_env, run_torchrun, torchrun_cmd  # noqa: E402
+from conftest import ROOT, dist_env, free_port, run_torchrun, torchrun_cmd  # noqa: E402
 
 from star_scale.parallel.ds_files import DEEPSPEED_CLASSES  # noqa: E402
 from tests.payloads import reseal, save_payload  # noqa: E402
@@ -72,7 +72,7 @@ def test_payload_in_a_deepspeed_file_stops_every_rank(two_rank_run, tmp_path, to
     run, target, marker = tampered(two_rank_run, tmp_path, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt")
     log = tmp_path / "c.log"
     with open(log, "w") as f:
-        out = subprocess.run(torchrun_cmd(2, *train_args(token_store, run, 4), port=29871), env=dist_env(), cwd=ROOT,
+        out = subprocess.run(torchrun_cmd(2, *train_args(token_store, run, 4), port=free_port()), env=dist_env(), cwd=ROOT,
                              stdout=f, stderr=subprocess.STDOUT, timeout=240)
     text = log.read_text()
     assert out.returncode != 0, text[-3000:]
