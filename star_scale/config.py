@@ -135,6 +135,7 @@ class TrainConfig:
     restart: bool = False  # start over in a folder with history but no usable checkpoint (old files moved aside)
     compile: bool = False  # torch.compile each transformer block
     stop_check_every: int = 10  # distributed runs agree on a Slurm stop signal every N steps (one sync each)
+    async_save: bool = False  # distributed runs: write checkpoint shards from a thread while training goes on
 
 
 @dataclass

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from star_scale.train.checkpoint import listed_file
+
 
 class CopyOnLoad:
     def __init__(self, src: Path, marker: Path):
@@ -37,6 +39,6 @@ def reseal(checkpoint: Path) -> None:
     meta_path = checkpoint / "meta.json"
     meta = json.loads(meta_path.read_text())
     for name in meta["files"]:
-        f = checkpoint / f"{name}.pt"
+        f = listed_file(checkpoint, name)
         meta["files"][name] = {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
     meta_path.write_text(json.dumps(meta, indent=1))

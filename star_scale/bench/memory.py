@@ -14,6 +14,13 @@ held after its imports), and prints ``ratio startup-rss-2/1 = Y``: 0.5 would
 mean start-up memory is partitioned too; today every rank builds the whole
 fp32 model (and ST-AR's teacher copy) before sharding, so Y is near 1.
 
+``--checkpoint`` saves one checkpoint (synchronously, then asynchronously) and loads it back,
+and prints per rank the bytes it wrote, the wall time of each save (for the asynchronous one,
+how long training was held), and the peak resident memory each save and the load added over
+what the rank held before, beside the whole unsharded state (fp32 weights, AdamW moments,
+teacher); the last line is ``ratio ckpt-bytes-per-rank-2/1 = X`` (0.5: every rank writes
+only its share).
+
 The default model is preset B (111M parameters) on a 4 x 4 token grid:
 parameter memory does not depend on the grid, and at B size the parameters
 ZeRO-3 keeps whole (norm weights) are negligible, as at training scale.
@@ -26,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -63,7 +71,62 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(out: str, overrides: list[str]) -> None:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakRSS:
+    """Peak resident memory added during a block, from the kernel's high-water mark (reset on entry)."""
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        self.base = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.added = (_status_kib("VmHWM") - self.base) * 1024
+
+
+def checkpoint_costs(engine, folder: Path) -> dict:
+    """Bytes this rank writes per checkpoint, seconds per save (sync, and held by an async one), peak RSS added."""
+    import torch.distributed as dist
+
+    from star_scale.parallel import checkpoint as dist_ckpt
+    from star_scale.parallel.zero_state import shape_of
+    from star_scale.train.checkpoint import CheckpointDir
+
+    rank, out = dist.get_rank(), {}
+    whole = sum(shape_of(p).numel() for p in engine.module.parameters()) * 12  # fp32 weight + 2 moments
+    if engine.teacher is not None:
+        whole += sum(shape_of(p).numel() for p in engine.teacher.model.parameters()) * 4
+    out["whole_state"] = whole
+    ckpts = CheckpointDir(folder, keep=3)
+    for mode, step in (("sync", 1), ("async", 2)):
+        dist.barrier()
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            dist_ckpt.save(engine, ckpts, step, {"step": step}, asynchronous=mode == "async")
+            out[f"{mode}_held_s"] = time.perf_counter() - t0
+            dist_ckpt.wait(engine)
+            out[f"{mode}_total_s"] = time.perf_counter() - t0
+        out[f"{mode}_peak_rss"] = peak.added
+    mine = [f for f in ckpts.path(1).rglob(f"rank_{rank:05d}.*")]
+    out["ckpt_bytes"] = sum(f.stat().st_size for f in mine)
+    dist.barrier()
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        dist_ckpt.load_latest(engine, ckpts)
+        out["load_s"] = time.perf_counter() - t0
+    out["load_peak_rss"] = peak.added
+    return out
+
+
+def worker(out: str, overrides: list[str], checkpoint: bool = False) -> None:
     import torch
     import torch.distributed as dist
 
@@ -83,8 +146,9 @@ def worker(out: str, overrides: list[str]) -> None:
     t = cfg.model.grid_size ** 2
     b = cfg.data.global_batch // engine.dp_size
     engine.train_step(torch.randint(0, cfg.model.vocab_size, (b, module.views, t)), torch.zeros(b, dtype=torch.long))
+    costs = checkpoint_costs(engine, Path(out).with_suffix(".ckpt")) if checkpoint else {}
     ranks = [None] * world
-    dist.all_gather_object(ranks, {**measure(engine), "startup_rss": startup})
+    dist.all_gather_object(ranks, {**measure(engine), "startup_rss": startup, **costs})
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(ranks))
     shutdown()
@@ -98,7 +162,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, overrides: list[str], tmp: Path) -> list[dict]:
+def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False) -> list[dict]:
     out = tmp / f"ranks{n}.json"
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
@@ -106,7 +170,8 @@ def launch(n: int, overrides: list[str], tmp: Path) -> list[dict]:
                PYTHONWARNINGS="ignore", DEEPSPEED_TIMEOUT=os.environ.get("DEEPSPEED_TIMEOUT", "5"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(free_port()), "-m", "star_scale.bench.memory", "--worker", str(out), "--", *overrides]
+           str(free_port()), "-m", "star_scale.bench.memory", "--worker", str(out), *(["--checkpoint"] if checkpoint else []), "--",
+           *overrides]
     log = tmp / f"launch{n}.log"
     with open(log, "w") as f:
         code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -123,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--objective", default="ar", choices=["ar", "star"], help="star also reports the sharded teacher")
     p.add_argument("--startup", action="store_true", help="peak RSS per rank while building model, module and "
                    "engine (N = 1 vs 2); last line `ratio startup-rss-2/1 = Y`")
+    p.add_argument("--checkpoint", action="store_true", help="bytes written per rank, seconds per save (sync and "
+                   "async) and peak RSS added by save and load (N = 1 vs 2); last line "
+                   "`ratio ckpt-bytes-per-rank-2/1 = X`")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = p.parse_args(argv)
@@ -130,11 +198,26 @@ def main(argv=None) -> int:
                  "data.global_batch=2", "train.device=cpu", "train.precision=fp32", "parallel.zero_stage=3",
                  "parallel.tp=1", "optimizer.lr_batch=null", *args.overrides]
     if args.worker:
-        worker(args.worker, args.overrides)
+        worker(args.worker, args.overrides, args.checkpoint)
         return 0
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="bench-memory.") as tmp:
-        results = {n: launch(n, overrides, Path(tmp)) for n in (1, 2)}
+        results = {n: launch(n, overrides, Path(tmp), args.checkpoint) for n in (1, 2)}
+    if args.checkpoint:
+        for n, ranks in results.items():
+            for r, m in enumerate(ranks):
+                print(f"checkpoint N={n} rank {r}: writes {m['ckpt_bytes'] / mib:8.1f} MiB | save {m['sync_total_s']:.2f} s"
+                      f" | async save holds training {m['async_held_s']:.2f} s of {m['async_total_s']:.2f} s | load "
+                      f"{m['load_s']:.2f} s | peak RSS added: save {m['sync_peak_rss'] / mib:.1f}, async "
+                      f"{m['async_peak_rss'] / mib:.1f}, load {m['load_peak_rss'] / mib:.1f} MiB (whole state "
+                      f"{m['whole_state'] / mib:.1f} MiB)")
+        worst = {k: max(m[f"{k}_peak_rss"] / m["whole_state"] for m in results[2]) for k in ("sync", "async", "load")}
+        # An asynchronous save holds a host copy of the rank's own share (1/N of the state) while it writes.
+        print(f"peak RSS added / whole state, N=2: save {worst['sync']:.3f}, async save {worst['async']:.3f}, "
+              f"load {worst['load']:.3f}")
+        per_rank = {n: max(m["ckpt_bytes"] for m in ranks) for n, ranks in results.items()}
+        print(f"ratio ckpt-bytes-per-rank-2/1 = {per_rank[2] / per_rank[1]:.3f}")
+        return 0
     if args.startup:
         for n, ranks in results.items():
             for r, m in enumerate(ranks):

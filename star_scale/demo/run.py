@@ -95,7 +95,9 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     t_tok = time.time()
 
     cfg = load_config(None, DEMO_OVERRIDES + [f"model.num_classes={spec['classes']}", f"data.path={store_path}",
-                                              f"train.out_dir={out / 'run'}", f"train.steps={steps or spec['steps']}"])
+                                              f"train.out_dir={out / 'run'}", f"train.steps={steps or spec['steps']}",
+                                              # a demo killed before its first checkpoint starts over next time
+                                              "train.restart=true"])
     summary = train(cfg)
     t_train = time.time()
     report = write_report(cfg.run_dir(), mlflow=cfg.tracking.enabled)

@@ -7,7 +7,9 @@
 - ``ds_config``: the DeepSpeed JSON generated from a recipe (a raw JSON may override it).
 - ``engine``: ``DeepSpeedEngine``, the LocalEngine interface on top of DeepSpeed ZeRO.
 - ``sharded_teacher``: the EMA teacher partitioned exactly like the student.
-- ``checkpoint``: atomic sharded checkpoints, consolidation (elastic resume) and export.
+- ``checkpoint``: atomic per-rank checkpoints (optionally written by a thread), resumable on any layout;
+  ``pieces`` (what each rank holds, and back), ``shard_files`` (the format, and resharding; torch only).
+- ``whole_state``: the whole TP = 1 state in memory (tests, earlier-format checkpoints); ``export``.
 
 Importing this package imports DeepSpeed and megatron-core; the single-process
 path (star_scale.train.local_engine) never does.

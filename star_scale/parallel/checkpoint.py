@@ -1,35 +1,39 @@
-"""Distributed checkpoints: atomic, verified, resumable on the same layout bit for bit, or on any other.
+"""Distributed checkpoints: per-rank shards, atomic, verified, resumable on this layout bit for bit or on any other.
 
 One checkpoint is one folder ``step_XXXXXXXX`` (``star_scale.train.checkpoint.CheckpointDir``
 names, verification and pruning rules):
 
-    ds/                 DeepSpeed's own files: student shards and optimizer partitions
-    teacher/rank_R.pt   each rank's fp32 teacher partition (DeepSpeed cannot save an
-                        engine without optimizer: rank 0 raises, the others hang)
+    shards/rank_R.bin   the fp32 masters, AdamW moments and teacher that rank R holds (raw data)
+    shards/rank_R.json  their index: which range of which tensor, and how TP split it
     trainer/rank_R.pt   loader cursor, RNG states, mlflow run id: whatever the trainer passes
-    consolidated.pt     whole TP = 1 fp32 weights, AdamW moments and step, teacher (rank 0)
-    meta.json           layout, and every file's size and sha256; written last
+    meta.json           format, layout, model arguments, AdamW step, every file's size and sha256;
+                        written last
 
-Atomicity: everything goes to ``.tmp-step_XXXXXXXX``; rank 0 writes meta.json
-and renames the folder only after every rank finished and fsynced, so a crash
-at any point leaves the previous checkpoints untouched (``steps()`` ignores the
-temporary folder; the next save removes it).  Loading verifies sizes and
-checksums (split across ranks) and falls back to an older checkpoint with a
-warning naming the damaged file.
+Each rank writes and hashes only its own files; nothing is gathered on the save path, so the
+bytes per rank fall as 1 / world (``parallel/shard_files.py`` has the format, ``parallel/pieces.py``
+what each rank holds).  With ``train.async_save`` the pieces are copied to host memory and a
+thread writes them while training goes on; the checkpoint is committed at a later step once every
+rank's thread is done (or at the next save, a stop signal, or the end of training).
 
-Same layout (world, tp, ZeRO stage, precision): DeepSpeed's own load, exact.
-Another layout (elastic): every rank reads consolidated.pt and takes its
-shards.  The data loader resumes at the same epoch and step; which samples
-each rank reads then follows the new layout's plan.
+Atomicity: files go to ``.tmp-step_XXXXXXXX``; rank 0 writes meta.json and renames the folder only
+after every rank reported its files written, fsynced and hashed, so a crash at any point leaves
+the previous checkpoints untouched (the temporary folder is swept at the next start).  A rank
+that fails to write (disk full, I/O error) tells the others at the commit, rank 0 removes the
+temporary folder, and the job ends with one line naming the path and the bytes needed and free.
+
+Loading verifies sizes and checksums (split across ranks), then every rank reads the pieces it
+needs: on the same layout its own files; on another (world, TP size, ZeRO stage) the ranges of
+other ranks' files that overlap its new partitions, one parameter at a time.  The data loader
+resumes at the same epoch and step; which samples each rank reads then follows the new layout.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -37,22 +41,16 @@ import torch
 import torch.distributed as dist
 
 from star_scale.atomic import fsync_dir
-from star_scale.parallel.consolidated import CONSOLIDATED, DISTRIBUTED, from_local
-from star_scale.parallel.ds_files import refusal, verified_loads
-from star_scale.parallel.tensor_parallel import gather_full, partition_of, shard
-from star_scale.parallel.zero_state import (
-    MOMENTS,
-    ensure_optimizer_state,
-    full_fp32,
-    full_moment,
-    link_optimizer_fragments,
-    optimizer_step,
-    set_full,
-)
-from star_scale.train.checkpoint import CheckpointDir
+from star_scale.parallel.consolidated import DISTRIBUTED, DISTRIBUTED_V1, from_local
+from star_scale.parallel.pieces import collect, restore
+from star_scale.parallel.shard_files import ShardReader, ShardWriter
+from star_scale.parallel.whole_state import layout_of, load_consolidated, student_args
+from star_scale.parallel.zero_state import optimizer_step
+from star_scale.train.checkpoint import CheckpointDir, listed_file
+from star_scale.train.errors import CheckpointWriteError, checkpoint_write_error
 from star_scale.train.rng import fresh_rng_state
 from star_scale.trust import RefusedFile
-from star_scale.trust.load import load_torch
+from star_scale.trust.load import load_torch, refuse_code
 
 log = logging.getLogger(__name__)
 FORMAT = DISTRIBUTED
@@ -67,19 +65,11 @@ def _write(path: Path, obj) -> None:
 
 
 def _digest(path: Path) -> dict:
-    """Size and sha256; fsync on the way (DeepSpeed's own writes are not synced)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-        os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _all_gather(obj) -> list:
@@ -88,95 +78,124 @@ def _all_gather(obj) -> list:
     return out
 
 
-def layout_of(engine) -> dict:
-    L = engine.layout
-    return {"world": L.world, "tp": L.tp, "dp": L.dp, "zero_stage": engine.zero_stage,
-            "dtype": str(engine.dtype).replace("torch.", "")}
-
-
-# ---- consolidation -----------------------------------------------------------------
-def consolidate_student(engine) -> dict:
-    """Whole TP = 1 fp32 weights of the training module (collective; on every rank)."""
-    L = engine.layout
-    return {name: gather_full(full_fp32(engine.ds, p), p, L.tp_group).cpu()
-            for name, p in engine.module.named_parameters()}
-
-
-def consolidate(engine) -> Optional[dict]:
-    """Whole TP = 1 fp32 state; collective, returned on rank 0 (None elsewhere)."""
-    L, keep = engine.layout, engine.layout.is_main
-    link_optimizer_fragments(engine.ds)
-    module, weights, moments = {}, {}, {}
-    for name, p in engine.module.named_parameters():
-        w = gather_full(full_fp32(engine.ds, p), p, L.tp_group)
-        m = {k: gather_full(full_moment(engine.ds, p, k), p, L.tp_group) for k in MOMENTS}
-        if keep:
-            weights[name] = w.cpu()
-            moments[name] = {k: v.cpu() for k, v in m.items()}
-    teacher = engine.teacher.full_state() if engine.teacher is not None else None
-    if not keep:
-        return None
-    student = engine.module.student if hasattr(engine.module, "student") else engine.module
-    module.update(format=CONSOLIDATED, args=dataclasses.asdict(student.args), module=weights, moments=moments,
-                  optimizer_step=optimizer_step(engine.ds), teacher=teacher, layout=layout_of(engine))
-    return module
-
-
-def load_consolidated(engine, state: dict) -> None:
-    """Take this rank's shards of a consolidated state (any layout it came from)."""
-    L = engine.layout
-    step = int(state["optimizer_step"])
-    ensure_optimizer_state(engine.ds, step)
-    for name, p in engine.module.named_parameters():
-        if name not in state["module"]:
-            raise KeyError(f"consolidated checkpoint has no {name!r}")
-        dim, stride = partition_of(p)
-        local = shard(state["module"][name], dim, stride, L.tp_rank, L.tp)
-        moments = {k: shard(state["moments"][name][k], dim, stride, L.tp_rank, L.tp) for k in MOMENTS}
-        set_full(engine.ds, p, local, moments)
-    if engine.teacher is not None:
-        engine.teacher.load_full_state(state["teacher"], L.tp_rank, L.tp)
-    engine.ds.global_steps = step
-    engine.ds.global_samples = step * engine.cfg.data.global_batch
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---- save ----------------------------------------------------------------------------
-def save(engine, ckpts: CheckpointDir, step: int, trainer_state: dict) -> Path:
+class _Save:
+    """One rank's share of one checkpoint: its files written (inline or in a thread), then the commit."""
+
+    def __init__(self, ckpts: CheckpointDir, step: int, pieces: ShardWriter, trainer_state: dict, rank: int):
+        self.ckpts, self.step, self.pieces, self.trainer_state, self.rank = ckpts, step, pieces, trainer_state, rank
+        self.final = ckpts.path(step)
+        self.tmp = ckpts.root / f".tmp-{self.final.name}"
+        self.result: dict = {}
+        self.adam_step = 0
+        self.thread: Optional[threading.Thread] = None
+
+    def run(self) -> None:
+        try:
+            written = self.pieces.write(self.tmp, self.rank)
+            trainer = f"trainer/rank_{self.rank:05d}.pt"
+            _write(self.tmp / trainer, self.trainer_state)
+            self.result = {"files": {name: _digest(self.tmp / name) for name in [*written, trainer]}}
+        except Exception as e:  # reported to every rank at the commit, so that all stop together
+            self.result = {"error": str(checkpoint_write_error(self.final, e, self.ckpts.needed_bytes()))}
+        finally:
+            self.pieces = self.trainer_state = None  # the host snapshot goes as soon as it is on disk
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name=f"checkpoint-{self.step}", daemon=True)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+def _fail(engine, job: _Save, message: str) -> None:
+    if engine.layout.is_main:
+        shutil.rmtree(job.tmp, ignore_errors=True)
+    raise CheckpointWriteError(message, quiet=not engine.layout.is_main)
+
+
+def _commit(engine, job: _Save) -> Path:
+    """Every rank's files are written (collective): rank 0 seals and renames the folder, or all fail as one."""
+    if job.thread is not None:
+        job.thread.join()
+    results = _all_gather(job.result)
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        _fail(engine, job, errors[0])
+    problem = None
+    if engine.layout.is_main:
+        try:
+            files = {k: v for r in results for k, v in r["files"].items()}
+            meta = {"step": job.step, "format": FORMAT, "layout": layout_of(engine), "args": student_args(engine),
+                    "optimizer_step": job.adam_step, "files": dict(sorted(files.items()))}
+            with open(job.tmp / "meta.json", "w") as f:
+                f.write(json.dumps(meta, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            for d in {(job.tmp / n).parent for n in files} | {job.tmp}:
+                fsync_dir(d)
+            if job.final.exists():  # re-saving a step (a stop signal right after a periodic save)
+                shutil.rmtree(job.final)
+            os.replace(job.tmp, job.final)
+            fsync_dir(job.ckpts.root)
+            job.ckpts.prune(job.step)
+        except OSError as e:
+            problem = str(checkpoint_write_error(job.final, e, job.ckpts.needed_bytes()))
+    problem = _broadcast(problem)
+    if problem:
+        _fail(engine, job, problem)
+    return job.final
+
+
+def save(engine, ckpts: CheckpointDir, step: int, trainer_state: dict, asynchronous: bool = False) -> Optional[Path]:
+    """Write checkpoint ``step`` (collective). Synchronous: committed on return. Asynchronous: see ``poll``."""
+    wait(engine)  # an earlier asynchronous save is committed (or fails) first
     L = engine.layout
-    final = ckpts.path(step)
-    tmp = ckpts.root / f".tmp-{final.name}"
+    job = _Save(ckpts, step, ShardWriter(), trainer_state, L.rank)
+    problem = None
     if L.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.ds.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    _write(tmp / "trainer" / f"rank_{L.rank:05d}.pt", trainer_state)
-    if engine.teacher is not None:
-        _write(tmp / "teacher" / f"rank_{L.rank:05d}.pt", engine.teacher.shard_state())
-    state = consolidate(engine)
-    if L.is_main:
-        _write(tmp / "consolidated.pt", state)
-    dist.barrier()
-    names = _broadcast(sorted(str(f.relative_to(tmp))[:-3] for f in tmp.rglob("*.pt")) if L.is_main else None)
-    digests = {}
-    for name in names[L.rank :: L.world]:  # checksums split across ranks
-        digests[name] = _digest(tmp / f"{name}.pt")
-    files = {k: v for part in _all_gather(digests) for k, v in part.items()}
-    if L.is_main:
-        meta = {"step": step, "format": FORMAT, "layout": layout_of(engine), "files": dict(sorted(files.items()))}
-        with open(tmp / "meta.json", "w") as f:
-            f.write(json.dumps(meta, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        for d in {(tmp / n).parent for n in names} | {tmp}:
-            fsync_dir(d)
-        if final.exists():  # re-saving a step (a stop signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(ckpts.root)
-        ckpts.prune(step)
-    dist.barrier()
-    return final
+        try:
+            shutil.rmtree(job.tmp, ignore_errors=True)  # left by a crash mid-save
+            job.tmp.mkdir(parents=True)
+        except OSError as e:
+            problem = str(checkpoint_write_error(job.final, e, ckpts.needed_bytes()))
+    problem = _broadcast(problem)
+    if problem:
+        _fail(engine, job, problem)
+    job.pieces = collect(engine)
+    job.adam_step = optimizer_step(engine.ds)
+    if not asynchronous:
+        job.run()
+        return _commit(engine, job)
+    job.pieces = job.pieces.snapshot()  # training may change the originals from the next step on
+    job.start()
+    engine.pending_save = job
+    return None
+
+
+def poll(engine) -> Optional[Path]:
+    """Commit a pending asynchronous save if every rank has written its files (collective, while one is pending)."""
+    job = getattr(engine, "pending_save", None)
+    if job is None or not all(_all_gather(job.done())):
+        return None
+    engine.pending_save = None
+    return _commit(engine, job)
+
+
+def wait(engine) -> Optional[Path]:
+    """Commit a pending asynchronous save, waiting for the writes (collective)."""
+    job = getattr(engine, "pending_save", None)
+    if job is None:
+        return None
+    engine.pending_save = None
+    return _commit(engine, job)
 
 
 # ---- load ----------------------------------------------------------------------------
@@ -189,7 +208,7 @@ def _verify(d: Path, rank: int, world: int) -> Optional[str]:
         return f"{d / 'meta.json'}: unreadable ({e})"
     problem = None
     for name, info in files[rank::world]:
-        f = d / f"{name}.pt"
+        f = listed_file(d, name)
         if not f.is_file():
             problem = f"{f}: missing"
         elif f.stat().st_size != info["bytes"]:
@@ -200,6 +219,19 @@ def _verify(d: Path, rank: int, world: int) -> Optional[str]:
             break
     found = [p for p in _all_gather(problem) if p]
     return found[0] if found else None
+
+
+def _refusal(d: Path, names: list[str]) -> Optional[tuple[str, str]]:
+    """(file, reason) if one of the listed torch files would run code when unpickled; reads no tensors.
+    Checked on every rank before any loading, so a replaced file stops all ranks together."""
+    for name in names:
+        f = listed_file(d, name)
+        if f.suffix == ".pt" and not name.startswith("ds/"):  # ds/: DeepSpeed's files of the old format, never read
+            try:
+                refuse_code(f)
+            except RefusedFile as e:
+                return e.path, e.reason
+    return None
 
 
 def _trainer_file_after_relayout(d: Path, old: dict, L) -> tuple[Path, bool]:
@@ -217,6 +249,37 @@ def _trainer_file_after_relayout(d: Path, old: dict, L) -> tuple[Path, bool]:
     return d / "trainer" / f"rank_{0:05d}.pt", True
 
 
+def _load_one(engine, d: Path, step: int, meta: dict) -> dict:
+    """Restore the engine from verified folder ``d``; this rank's trainer state."""
+    L = engine.layout
+    if meta.get("format") not in (FORMAT, DISTRIBUTED_V1):  # a single-process (LocalEngine) checkpoint
+        if L.is_main:
+            log.info("single-process checkpoint %s: loading it as a consolidated state", d)
+        load_consolidated(engine, from_local(load_torch(d / "engine.pt"), engine.module))
+        trainer_state = load_torch(d / "trainer.pt")
+        if L.dp_rank:  # one process had one stream: the other data-parallel ranks need their own
+            trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
+        return trainer_state
+    old = meta["layout"]
+    if old != layout_of(engine) and L.is_main:
+        log.info("checkpoint layout %s differs from this run's %s: resharding", old, layout_of(engine))
+    if meta["format"] == FORMAT:
+        reader = ShardReader(d, old["world"])
+        try:
+            restore(engine, reader, step, int(meta["optimizer_step"]))
+        finally:
+            reader.close()
+    else:  # written before the sharded format: its consolidated.pt, whatever the layout
+        load_consolidated(engine, load_torch(d / "consolidated.pt", mmap=True))
+    if old == layout_of(engine):
+        return load_torch(d / "trainer" / f"rank_{L.rank:05d}.pt")
+    trainer_file, fresh = _trainer_file_after_relayout(d, old, L)
+    trainer_state = load_torch(trainer_file)
+    if fresh:
+        trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
+    return trainer_state
+
+
 def load_latest(engine, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
     """Restore the engine from the newest whole checkpoint; (step, this rank's trainer state) or None."""
     L = engine.layout
@@ -228,40 +291,8 @@ def load_latest(engine, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
                 log.warning("skipping damaged checkpoint: %s; falling back to an earlier one", problem)
             continue
         meta = json.loads((d / "meta.json").read_text())
-        refused = [p for p in _all_gather(refusal(d, sorted(meta["files"])[L.rank::L.world])) if p]
+        refused = [p for p in _all_gather(_refusal(d, sorted(meta["files"])[L.rank::L.world])) if p]
         if refused:  # every rank stops here, together
             raise RefusedFile(*refused[0])
-        if meta.get("format") != FORMAT:  # a single-process (LocalEngine) checkpoint
-            if L.is_main:
-                log.info("single-process checkpoint %s: loading it as a consolidated state", d)
-            local = load_torch(d / "engine.pt")
-            load_consolidated(engine, from_local(local, engine.module))
-            del local
-            trainer_state = load_torch(d / "trainer.pt")
-            if L.dp_rank:  # one process had one stream: the other data-parallel ranks need their own
-                trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
-            return step, trainer_state
-        old = meta["layout"]
-        fresh = False
-        if old == layout_of(engine):
-            with verified_loads(engine.ds, d, meta["files"]):
-                path, _ = engine.ds.load_checkpoint(str(d), tag="ds", load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False, load_module_strict=True)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load {d / 'ds'}")
-            if engine.teacher is not None:
-                engine.teacher.load_shard_state(load_torch(d / "teacher" / f"rank_{L.rank:05d}.pt"))
-            trainer_file = d / "trainer" / f"rank_{L.rank:05d}.pt"
-        else:
-            if L.is_main:
-                log.info("checkpoint layout %s differs from this run's %s: loading the consolidated state", old,
-                         layout_of(engine))
-            state = load_torch(d / "consolidated.pt", mmap=True)
-            load_consolidated(engine, state)
-            del state
-            trainer_file, fresh = _trainer_file_after_relayout(d, old, L)
-        trainer_state = load_torch(trainer_file)
-        if fresh:
-            trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
-        return step, trainer_state
+        return step, _load_one(engine, d, step, meta)
     return None

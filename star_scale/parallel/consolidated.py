@@ -4,10 +4,12 @@
      "optimizer_step", "teacher": {name: whole weight} | None, "layout"}
 
 Names are the training module's at TP = 1 (``student.*``, ``projector.*``); the
-teacher's are its GPT's.  A distributed checkpoint carries one
-(``consolidated.pt``); a single-process checkpoint (LocalEngine's module and
-torch optimizer state dicts) converts to one and back, so a run can move
-between one process and many in either direction.
+teacher's are its GPT's.  A distributed checkpoint's shards assemble into one
+(``from_shards``: offline, in one process, for export and for a one-process
+resume); a single-process checkpoint (LocalEngine's module and torch optimizer
+state dicts) converts to one and back, so a run can move between one process and
+many in either direction.  Checkpoints of the first distributed format carry one
+as ``consolidated.pt``.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from star_scale.parallel.shard_files import KINDS, ShardReader
 from star_scale.trust.load import load_torch
 
 log = logging.getLogger(__name__)
 CONSOLIDATED = "star-scale-consolidated-v1"
-DISTRIBUTED = "star-scale-dist-v1"
+DISTRIBUTED = "star-scale-dist-v2"  # per-rank shards
+DISTRIBUTED_V1 = "star-scale-dist-v1"  # DeepSpeed's files plus consolidated.pt
 TEACHER = "teacher.model."  # the EMATeacher's GPT inside a training module
 
 
@@ -51,6 +55,20 @@ def from_local(engine_state: dict, module: nn.Module) -> dict:
             "teacher": teacher or None, "layout": {"world": 1, "tp": 1}}
 
 
+def from_shards(folder, meta: dict) -> dict:
+    """The consolidated state of a sharded distributed checkpoint (whole tensors: one process, offline)."""
+    if meta.get("format") == DISTRIBUTED_V1:
+        return load_torch(folder / "consolidated.pt", mmap=True)
+    reader = ShardReader(folder, meta["layout"]["world"])
+    try:
+        whole = {kind: {n: reader.full(f"{kind}/{n}") for n in reader.names(kind)} for kind in KINDS}
+    finally:
+        reader.close()
+    moments = {n: {k: whole[k][n] for k in ("exp_avg", "exp_avg_sq")} for n in whole["student"]}
+    return {"format": CONSOLIDATED, "args": meta["args"], "module": whole["student"], "moments": moments,
+            "optimizer_step": meta["optimizer_step"], "teacher": whole["teacher"] or None, "layout": meta["layout"]}
+
+
 def to_local(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a consolidated state into a single-process module and its torch AdamW."""
     weights = dict(state["module"])
@@ -76,10 +94,9 @@ def load_latest_local(engine, ckpts) -> Optional[tuple[int, dict]]:
             continue
         d = ckpts.path(step)
         meta = json.loads((d / "meta.json").read_text())
-        if meta.get("format") == DISTRIBUTED:
-            log.info("checkpoint layout %s: loading its consolidated state into one process", meta["layout"])
-            state = load_torch(d / "consolidated.pt", mmap=True)
-            to_local(state, engine.module, engine.optimizer)
+        if meta.get("format") in (DISTRIBUTED, DISTRIBUTED_V1):
+            log.info("checkpoint layout %s: loading its shards into one process", meta["layout"])
+            to_local(from_shards(d, meta), engine.module, engine.optimizer)
             return step, load_torch(d / "trainer" / "rank_00000.pt")
         engine.load_state_dict(load_torch(d / "engine.pt"))
         return step, load_torch(d / "trainer.pt")

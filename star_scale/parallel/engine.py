@@ -31,6 +31,7 @@ import torch.nn as nn
 from star_scale.config import Config
 from star_scale.objectives.draws import begin_step, end_step, set_step_draws
 from star_scale.parallel import checkpoint as dist_ckpt
+from star_scale.parallel import whole_state
 from star_scale.parallel.devices import deepspeed_args
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
@@ -134,8 +135,16 @@ class DeepSpeedEngine:
         return dict(zip(keys, (t / self.dp_size).unbind()))
 
     # ---- checkpoints -------------------------------------------------------------
-    def save_checkpoint(self, ckpts: CheckpointDir, step: int, trainer_state: dict) -> None:
-        dist_ckpt.save(self, ckpts, step, trainer_state)
+    def save_checkpoint(self, ckpts: CheckpointDir, step: int, trainer_state: dict, wait: bool = False) -> None:
+        """Per-rank shards; written by a thread under ``train.async_save`` unless ``wait`` (a stop signal)."""
+        dist_ckpt.save(self, ckpts, step, trainer_state, asynchronous=self.cfg.train.async_save and not wait)
+
+    def poll_checkpoint(self) -> None:
+        """Commit an asynchronous save once every rank has written it (one small collective while one is pending)."""
+        dist_ckpt.poll(self)
+
+    def wait_checkpoint(self) -> None:
+        dist_ckpt.wait(self)
 
     def load_checkpoint(self, ckpts: CheckpointDir) -> Optional[tuple[int, dict]]:
         latest = dist_ckpt.load_latest(self, ckpts)
@@ -145,7 +154,7 @@ class DeepSpeedEngine:
 
     def state_dict(self) -> dict:
         """Consolidated TP = 1 fp32 state (collective; returned on rank 0, None elsewhere)."""
-        return dist_ckpt.consolidate(self)
+        return whole_state.consolidate(self)
 
     def load_state_dict(self, state: dict) -> None:
-        dist_ckpt.load_consolidated(self, state)
+        whole_state.load_consolidated(self, state)

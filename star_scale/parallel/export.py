@@ -2,8 +2,9 @@
 
     python -m star_scale.parallel.export RUN_DIR_OR_CHECKPOINTS_DIR --out DIR
 
-Reads ``consolidated.pt`` of a distributed checkpoint (any layout) or the
-engine state of a single-process one; needs no process group, no DeepSpeed.
+Assembles the per-rank shards of a distributed checkpoint (any layout), one
+tensor at a time, or reads the engine state of a single-process one; needs no
+process group, no DeepSpeed.
 The files are star-scale's model format (``models/model_file.py``).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from star_scale.config import load_config
 from star_scale.models.build import gpt_args
 from star_scale.models.gpt import GPT, GPTArgs
 from star_scale.models.model_file import load_strict, save_model_file
+from star_scale.parallel.consolidated import DISTRIBUTED, DISTRIBUTED_V1, from_shards
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.trust.load import load_torch
 
@@ -42,8 +44,9 @@ def newest_whole(path: Path) -> Path:
 
 def load_models(ckpt: Path) -> dict[str, GPT]:
     """{'student': GPT, 'teacher': GPT (ST-AR runs only)} from one checkpoint folder."""
-    if (ckpt / "consolidated.pt").is_file():
-        state = load_torch(ckpt / "consolidated.pt", mmap=True)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if meta.get("format") in (DISTRIBUTED, DISTRIBUTED_V1):
+        state = from_shards(ckpt, meta)
         args, weights, teacher = GPTArgs(**state["args"]), state["module"], state["teacher"]
     else:  # single-process checkpoint: the training module's state dict holds both
         engine = load_torch(ckpt / "engine.pt")

@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from star_scale.models.gpt import GPT, plain_linear
+from star_scale.parallel.shard_files import shard, unshard  # noqa: F401  (the TP split, torch only)
 
 log = logging.getLogger(__name__)
 
@@ -127,22 +128,6 @@ def partition_of(param: torch.Tensor) -> tuple[int | None, int]:
     if getattr(param, "tensor_model_parallel", False):
         return param.partition_dim, getattr(param, "partition_stride", 1)
     return None, 1
-
-
-def shard(full: torch.Tensor, dim: int | None, stride: int, rank: int, tp: int) -> torch.Tensor:
-    """This rank's piece of a full tensor: chunks rank, rank + tp, ... of tp * stride equal chunks."""
-    if dim is None or tp == 1:
-        return full
-    chunks = full.chunk(tp * stride, dim)
-    return torch.cat(chunks[rank::tp], dim)
-
-
-def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
-    """Inverse of ``shard`` over all ranks' pieces (in TP-rank order)."""
-    if dim is None or len(shards) == 1:
-        return shards[0]
-    pieces = [s.chunk(stride, dim) for s in shards]
-    return torch.cat([pieces[r][k] for k in range(stride) for r in range(len(shards))], dim)
 
 
 def gather_full(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor:

@@ -22,14 +22,12 @@ USED = [
     ("deepspeed", "deepspeed", ["initialize", "init_distributed"]),
     ("deepspeed", "deepspeed.utils", ["safe_get_full_fp32_param", "safe_get_full_optimizer_state",
                                       "safe_set_full_fp32_param", "safe_set_full_optimizer_state",
-                                      "safe_get_local_fp32_param"]),
+                                      "safe_get_local_fp32_param", "safe_get_local_optimizer_state",
+                                      "safe_set_local_fp32_param", "safe_set_local_optimizer_state"]),
     ("deepspeed", "deepspeed.runtime.zero.partition_parameters", ["GatheredParameters"]),
-    ("deepspeed", "deepspeed.runtime.fp16.loss_scaler", ["DynamicLossScaler", "LossScaler"]),  # ds_files.py
-    ("deepspeed", "deepspeed.runtime.zero.config", ["ZeroStageEnum"]),
-    ("deepspeed", "deepspeed.utils.tensor_fragment", ["fragment_address"]),
+    ("deepspeed", "deepspeed.utils.tensor_fragment", ["tensor_fragment.get_optim_state_fragment"]),  # pieces.py
     ("deepspeed", "deepspeed.runtime.engine", ["DeepSpeedEngine.zero_optimization_stage",
-                                               "DeepSpeedEngine.get_global_grad_norm",
-                                               "DeepSpeedEngine.save_checkpoint", "DeepSpeedEngine.load_checkpoint"]),
+                                               "DeepSpeedEngine.get_global_grad_norm"]),
     ("megatron-core", "megatron.core.parallel_state", [
         "initialize_model_parallel", "model_parallel_is_initialized", "destroy_model_parallel",
         "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_group",

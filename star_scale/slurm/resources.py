@@ -4,16 +4,15 @@ Both are estimates from the parameter count, like `star-scale plan`:
 
 - host memory per node: each rank builds the full fp32 student and its teacher
   copy on the host before sharding (8 bytes/param), holds its own shard of the
-  fp32 optimizer state (12 bytes/param over the ranks), and rank 0 assembles
-  the consolidated checkpoint (16 bytes/param: weights, Adam moments, teacher);
+  fp32 optimizer state (12 bytes/param over the ranks) and, with
+  ``train.async_save``, a host copy of its checkpoint share while it is written;
   plus a constant per rank for the interpreter, CUDA/NCCL host buffers and the
   loader. On a CPU cluster training runs in host memory: the plan itself.
-- the save window: one checkpoint writes each rank's shards (bf16/fp32 weights
-  and fp32 optimizer: 14 bytes/param over the ranks, plus the teacher's 4)
-  and, on the node of rank 0, the consolidated copy; every byte is also read
-  back once for its sha256. The busiest node's bytes over
-  ``cluster.ckpt_write_gbs`` (and the hash rate), times a safety margin, must
-  fit in ``cluster.signal_seconds``.
+- the save window: one checkpoint writes each rank's shards only (fp32 masters
+  and AdamW moments: 12 bytes/param over the ranks, plus the teacher's 4), and
+  each rank reads its own files back once for their sha256, all ranks at once.
+  A node's bytes over ``cluster.ckpt_write_gbs``, plus one rank's share over
+  the hash rate, times a safety margin, must fit in ``cluster.signal_seconds``.
 """
 from __future__ import annotations
 
@@ -39,9 +38,10 @@ def host_bytes_per_node(cfg: Config) -> float:
     star = cfg.objective.name == "star"
     if not c.gpus_per_node:  # CPU cluster: the model trains in host memory
         per_rank = estimate(cfg, world, gpu=False).total + CPU_RANK_OVERHEAD_GIB * GIB
-        return ranks * per_rank + 16 * n
-    per_rank = (8 if star else 4) * n + 12 * n / world + RANK_OVERHEAD_GIB * GIB
-    return ranks * per_rank + 16 * n
+        return ranks * per_rank
+    share = checkpoint_bytes_per_rank(cfg) if cfg.train.async_save else 0
+    per_rank = (8 if star else 4) * n + 12 * n / world + share + RANK_OVERHEAD_GIB * GIB
+    return ranks * per_rank
 
 
 def mem_line(cfg: Config) -> str:
@@ -55,14 +55,16 @@ def mem_line(cfg: Config) -> str:
     return f"#SBATCH --mem={value}"
 
 
-def checkpoint_bytes_busiest_node(cfg: Config) -> float:
-    """Bytes one checkpoint writes on rank 0's node (its ranks' shards plus the consolidated copy)."""
-    c = cfg.cluster
+def checkpoint_bytes_per_rank(cfg: Config) -> float:
+    """Bytes of one rank's shards: its share of the fp32 masters, AdamW moments and teacher."""
     n, _ = count_params(cfg)
     teacher = 4 if cfg.objective.name == "star" else 0
-    shards = c.ranks_per_node() * (14 + teacher) * n / c.world_size()
-    consolidated = (12 + teacher) * n
-    return shards + consolidated
+    return (12 + teacher) * n / cfg.cluster.world_size()
+
+
+def checkpoint_bytes_busiest_node(cfg: Config) -> float:
+    """Bytes one checkpoint writes on one node (its ranks' shards; every node writes the same)."""
+    return cfg.cluster.ranks_per_node() * checkpoint_bytes_per_rank(cfg)
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,13 @@ def save_window(cfg: Config) -> SaveWindow:
         raise ConfigError(f"cluster.ckpt_write_gbs={c.ckpt_write_gbs}: expected the write bandwidth per node "
                           "in GB/s, > 0")
     nbytes = checkpoint_bytes_busiest_node(cfg)
-    seconds = SAVE_MARGIN * (nbytes / (c.ckpt_write_gbs * 1e9) + nbytes / (HASH_GBS * 1e9))
+    seconds = SAVE_MARGIN * (nbytes / (c.ckpt_write_gbs * 1e9) + checkpoint_bytes_per_rank(cfg) / (HASH_GBS * 1e9))
     needed = max(MIN_SIGNAL_SECONDS, math.ceil(seconds) + 30)  # +30 s: the step in flight, requeue itself
     limit = time_limit_seconds(c.time)
     signal_seconds, note = c.signal_seconds, ""
     if signal_seconds < needed:
         note = (f"cluster.signal_seconds raised from {signal_seconds} to {needed}: a checkpoint writes "
-                f"{nbytes / 1e9:.1f} GB on rank 0's node, about {seconds:.0f} s at cluster.ckpt_write_gbs="
+                f"{nbytes / 1e9:.1f} GB per node, about {seconds:.0f} s at cluster.ckpt_write_gbs="
                 f"{c.ckpt_write_gbs:g} with x{SAVE_MARGIN:g} margin")
         signal_seconds = needed
     if limit is not None and needed > limit / 2:

@@ -34,6 +34,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def listed_file(folder: Path, name: str) -> Path:
+    """The file a meta.json entry names: ``shards/rank_00000.bin`` as it is, ``trainer`` as ``trainer.pt``."""
+    path = folder / name
+    return path if path.suffix in (".bin", ".json", ".pt") else folder / f"{name}.pt"
+
+
 class CheckpointDir:
     def __init__(self, root: str | os.PathLike, keep: int = 2):
         self.root = Path(root)
@@ -109,7 +115,7 @@ class CheckpointDir:
         except (OSError, ValueError) as e:
             return f"{meta_path}: unreadable ({e})"
         for name, info in meta["files"].items():
-            f = d / f"{name}.pt"
+            f = listed_file(d, name)
             if not f.is_file():
                 return f"{f}: missing"
             if f.stat().st_size != info["bytes"]:

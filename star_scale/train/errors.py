@@ -12,8 +12,14 @@ class RunFolderError(RunError):
 
 
 class CheckpointWriteError(RunError):
-    """A checkpoint could not be written (disk full, I/O error); the previous one is still the latest."""
+    """A checkpoint could not be written (disk full, I/O error); the previous one is still the latest.
+
+    In a distributed job every rank raises it; only rank 0's is printed (``quiet`` elsewhere)."""
     exit_code = 1
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 def checkpoint_write_error(final, err: BaseException, needed: int) -> CheckpointWriteError:

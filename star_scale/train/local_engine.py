@@ -115,14 +115,20 @@ class LocalEngine:
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
 
-    def save_checkpoint(self, ckpts, step: int, trainer_state: dict) -> None:
-        """One process writes everything (a distributed engine coordinates its ranks instead)."""
+    def save_checkpoint(self, ckpts, step: int, trainer_state: dict, wait: bool = False) -> None:
+        """One process writes everything, synchronously (a distributed engine coordinates its ranks instead)."""
         ckpts.save(step, {"engine": self.state_dict(), "trainer": trainer_state})
+
+    def poll_checkpoint(self) -> None:
+        pass  # saves are synchronous
+
+    def wait_checkpoint(self) -> None:
+        pass
 
     def load_checkpoint(self, ckpts):
         """Restore from the newest whole checkpoint: (step, trainer state), or None.
 
-        Distributed checkpoints (any world or TP size) load through their consolidated state.
+        Distributed checkpoints (any world or TP size) load through their shards, assembled.
         """
         from star_scale.parallel.consolidated import load_latest_local  # torch only, no DeepSpeed
 

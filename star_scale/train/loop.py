@@ -155,10 +155,10 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
             if artifact:
                 tracker.log_artifact(artifact)
 
-    def save() -> None:
+    def save(wait: bool = False) -> None:
         trainer_state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
                          "mlflow_run_id": tracker.run_id}
-        engine.save_checkpoint(ckpts, step, trainer_state)
+        engine.save_checkpoint(ckpts, step, trainer_state, wait=wait)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", step) if engine.is_main else None
     tokens_per_step = cfg.data.global_batch * module.views * store.tokens_per_image
@@ -211,11 +211,14 @@ def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_fact
             for record in flushed if metrics_log else ():  # after report(), which adds tokens/s and MFU
                 metrics_log.write(record)
             if stopping:
-                save()
+                save(wait=True)  # committed before the requeue
                 stop.requeue_if_asked(engine.is_main)
                 break
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save()
+            else:
+                engine.poll_checkpoint()  # an asynchronous save is committed once written
+        engine.wait_checkpoint()
     except BaseException as e:
         tracker.close(status="FAILED", timeout=0 if isinstance(e, RunError) else 10)  # a full disk: no retries
         raise

@@ -63,7 +63,7 @@ def test_kill_9_then_resume_through_a_truncated_checkpoint(tmp_path, token_store
     reached = kill_at_step(train_args(token_store, run), run, step, tmp_path / "killed.log")
     ckpts = sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert len(ckpts) >= 2, f"killed at step {reached} with checkpoints {ckpts}"
-    damaged = ckpts[-1] / "consolidated.pt"
+    damaged = ckpts[-1] / "shards" / "rank_00001.bin"
     with open(damaged, "r+b") as f:  # a half-written file on disk
         f.truncate(damaged.stat().st_size // 2)
 
@@ -75,12 +75,12 @@ def test_kill_9_then_resume_through_a_truncated_checkpoint(tmp_path, token_store
 
 
 def test_resume_two_ranks_on_one_and_back(tmp_path, uninterrupted, token_store):
-    """2 ranks (ZeRO-3) -> 1 process (the local engine, from consolidated.pt) -> 2 ranks (from its checkpoint)."""
+    """2 ranks (ZeRO-3) -> 1 process (the local engine, from the shards) -> 2 ranks (from its checkpoint)."""
     run = tmp_path / "E"
     shutil.copytree(uninterrupted, run)
     run_torchrun(1, *train_args(token_store, run, f"train.steps={STEPS + 2}"), log=tmp_path / "to1.log")
     log = (tmp_path / "to1.log").read_text()
-    assert "loading its consolidated state into one process" in log
+    assert "loading its shards into one process" in log
     assert f"resumed from {run / 'checkpoints' / f'step_{STEPS:08d}'}" in log
     run_torchrun(2, *train_args(token_store, run, f"train.steps={STEPS + 4}"), log=tmp_path / "to2.log")
     log = (tmp_path / "to2.log").read_text()
@@ -93,10 +93,12 @@ def test_resume_two_ranks_on_one_and_back(tmp_path, uninterrupted, token_store):
 
 def test_export_student_and_teacher(tmp_path, uninterrupted):
     from star_scale.models.model_file import load_model_file
+    from star_scale.parallel.consolidated import from_shards
     from star_scale.parallel.export import export
 
     written = export(uninterrupted, tmp_path)
-    state = torch.load(Path(written["checkpoint"]) / "consolidated.pt", weights_only=True)
+    ckpt = Path(written["checkpoint"])
+    state = from_shards(ckpt, json.loads((ckpt / "meta.json").read_text()))
     student, teacher = load_model_file(written["student"]), load_model_file(written["teacher"])
     for name, p in student.named_parameters():
         assert torch.equal(p, state["module"][f"student.{name}"])

@@ -30,6 +30,7 @@ import common  # noqa: E402
 
 from star_scale.objectives.teacher import ema_update_  # noqa: E402
 from star_scale.parallel import checkpoint as dist_ckpt  # noqa: E402
+from star_scale.parallel import whole_state  # noqa: E402
 from star_scale.parallel.engine import DeepSpeedEngine  # noqa: E402
 from star_scale.parallel.layout import init_layout, shutdown  # noqa: E402
 from star_scale.train.checkpoint import CheckpointDir  # noqa: E402
@@ -49,7 +50,7 @@ def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None 
         norms.append(metrics["grad_norm"])
         history.append(metrics)
         if reference_teacher is not None:  # EMA of the gathered student history, in plain torch
-            student = {k[len("student."):]: v for k, v in dist_ckpt.consolidate_student(engine).items()}
+            student = {k[len("student."):]: v for k, v in whole_state.consolidate_student(engine).items()}
             names = sorted(reference_teacher)
             ema_update_([reference_teacher[n] for n in names], [student[n] for n in names], cfg.objective.ema_decay)
         if ckpt_dir is not None and step == 10:

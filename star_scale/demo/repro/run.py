@@ -105,6 +105,7 @@ def run_one(out: Path, config: str, seed: int) -> dict:
     recipe = Path(settings["recipes"]) / f"{config}.yaml"
     overrides = [f"name={name}", f"data.path={data['train']}", f"train.out_dir={run_dir}",
                  f"train.seed={seed}", f"data.seed={seed}", "tracking.enabled=false", "train.device=cpu",
+                 "train.restart=true",  # a run killed before its first checkpoint starts over (old files moved aside)
                  *settings.get("dataset_overrides", []), *settings["overrides"]]
     cfg = load_config(recipe, overrides)
     t0 = time.time()
