@@ -8,7 +8,6 @@
   save or load adds anywhere near a whole copy of the state to a rank's resident memory.
 """
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -50,22 +49,8 @@ def test_async_save_writes_what_a_sync_save_writes(tmp_path, token_store, layout
     assert losses(runs["false"]) == losses(runs["true"])
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    where = tmp_path / "disk"
-    where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
-def test_disk_full_during_a_two_rank_save(tmp_path, token_store, small_disk):
+def test_disk_full_during_a_two_rank_save(tmp_path, token_store, tmpfs):
+    small_disk = tmpfs("8m")
     run = small_disk / "run"
     run_torchrun(2, *train_args(token_store, run, 2), log=tmp_path / "a.log")
     size = sum(f.stat().st_size for f in (run / "checkpoints" / "step_00000002").rglob("*") if f.is_file())

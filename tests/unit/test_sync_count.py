@@ -83,9 +83,9 @@ def test_the_loop_reads_metrics_once_per_log_interval(tiny_cfg, one_thread):
     counter = SyncCounter()
 
     class Counted(LocalEngine):
-        def save_checkpoint(self, *args):  # not the hot path: saving reads every tensor
+        def save_checkpoint(self, *args, **kwargs):  # not the hot path: saving reads every tensor
             counter.paused = True
-            super().save_checkpoint(*args)
+            super().save_checkpoint(*args, **kwargs)
             counter.paused = False
 
     cfg = tiny_cfg("objective.name=star", "data.global_batch=4", "train.steps=10", "train.log_every=5",
