@@ -5,7 +5,8 @@
   collective), removes the temporary folder, keeps the previous checkpoint, and the run resumes
   once space is freed;
 - ``bench memory --checkpoint``: each of 2 ranks writes about half of what 1 rank writes, and no
-  save or load adds anywhere near a whole copy of the state to a rank's resident memory.
+  save or load adds anywhere near a whole copy of the state to a rank's resident memory;
+- a ZeRO-3 checkpoint resumes at ZeRO-1 (resharded), and one of the earlier format still resumes.
 """
 import json
 import re
@@ -93,3 +94,46 @@ def test_bench_memory_checkpoint(tmp_path):
     # No rank holds a whole copy of weights, moments or teacher while saving or loading: a synchronous save
     # writes from the live tensors, a load reads one tensor at a time, an asynchronous save copies its 1/2 share.
     assert save < 0.2 and load < 0.2 and async_save < 0.7
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, token_store):
+    """4 steps at ZeRO-3 on 2 ranks, checkpoints at 2 and 4."""
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    run_torchrun(2, *train_args(token_store, run, 4), log=run.parent / "a.log")
+    return run
+
+
+def resumed_from_step_2(source: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    return run
+
+
+def test_resume_at_another_zero_stage_reshards(zero3_run, tmp_path, token_store):
+    run = resumed_from_step_2(zero3_run, tmp_path)
+    run_torchrun(2, *train_args(token_store, run, 4, "parallel.zero_stage=1"), log=tmp_path / "b.log")
+    assert "differs from this run's" in (tmp_path / "b.log").read_text()
+    want, got = losses(zero3_run), losses(run)
+    assert got[:2] == want[:2] and got[2:] == pytest.approx(want[2:], rel=1e-5)  # other reduction order only
+
+
+def test_checkpoint_of_the_earlier_format_still_resumes(zero3_run, tmp_path, token_store):
+    """``ds/`` + ``consolidated.pt`` (format v1), rebuilt here from a sharded checkpoint, resumes on the same path."""
+    import torch
+
+    from star_scale.parallel.consolidated import DISTRIBUTED_V1, from_shards
+    from tests.payloads import reseal
+
+    run = resumed_from_step_2(zero3_run, tmp_path)
+    ckpt = run / "checkpoints" / "step_00000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    torch.save(from_shards(ckpt, meta), ckpt / "consolidated.pt")
+    shutil.rmtree(ckpt / "shards")
+    meta.update(format=DISTRIBUTED_V1, files={n: {} for n in ("consolidated", "trainer/rank_00000", "trainer/rank_00001")})
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    reseal(ckpt)
+    run_torchrun(2, *train_args(token_store, run, 4), log=tmp_path / "b.log")
+    assert f"resumed from {ckpt}" in (tmp_path / "b.log").read_text()
+    assert losses(run) == losses(zero3_run)
