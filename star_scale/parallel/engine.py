@@ -76,6 +76,7 @@ class DeepSpeedEngine:
                                                              args=deepspeed_args(self.device))
         self.module = module
         self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
+        self.pending_save = None  # an asynchronous checkpoint being written (parallel/checkpoint.py)
         self.zero_stage = self.ds.zero_optimization_stage()
         if ema is not None:
             if self.teacher is not None:
