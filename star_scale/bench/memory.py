@@ -11,8 +11,9 @@ larger rank at N = 2 over the single rank; 0.5 is perfect partitioning).
 ``--startup`` measures instead the peak resident memory each rank reaches while
 building the model, the training module and the engine (over what the process
 held after its imports), and prints ``ratio startup-rss-2/1 = Y``: 0.5 would
-mean start-up memory is partitioned too; today every rank builds the whole
-fp32 model (and ST-AR's teacher copy) before sharding, so Y is near 1.
+mean start-up memory is partitioned too; every rank still builds the whole
+fp32 student before sharding (the teacher is partitioned first), which keeps Y
+above 0.5 (0.578 on B, NOTES.md).
 
 ``--checkpoint`` saves one checkpoint (synchronously, then asynchronously) and loads it back,
 and prints per rank the bytes it wrote, the wall time of each save (for the asynchronous one,
