@@ -17,6 +17,7 @@ def test_repro_end_to_end_small(tmp_path, capsys):
     printed = capsys.readouterr().out
     table = (out / "table.md").read_text()
     assert table.strip() in printed  # the saved table is what was printed
+    assert "chance here is 12.5% (8 classes)" in table
     for config in repro.CONFIGS:
         assert f"| {TITLES[config]} | 1 |" in table
         result = json.loads((out / "runs" / f"{config}-s0" / "result.json").read_text())

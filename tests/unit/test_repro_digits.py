@@ -15,6 +15,7 @@ def test_repro_on_digits_tiny(tmp_path, capsys):
     assert "data: 60 train / 30 val images, 10 classes" in printed
     table = (out / "table.md").read_text()
     assert table.strip() in printed
+    assert "chance here is 10% (10 classes)" in table
     for config in ("baseline", "all"):
         assert f"| {TITLES[config]} | 1 |" in table
         run = out / "runs" / f"{config}-s0"

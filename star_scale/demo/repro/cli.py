@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     judge_path = out / "classifier.pt"
     info = load_torch(judge_path)["info"]
     wall = None if args.table_only else time.time() - t0
-    table = make_table(results, args.configs, args.seeds, args.cfg_scale, info, wall)
+    classes = json.loads((out / SETTINGS_FILE).read_text())["data"]["classes"]
+    table = make_table(results, args.configs, args.seeds, args.cfg_scale, info, wall, classes)
     print()
     print(table, flush=True)
     if args.table_only:  # a look at the results: the files keep the last full invocation's table and wall time

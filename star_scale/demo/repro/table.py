@@ -33,7 +33,7 @@ def _mean_std(values: list[float], fmt: str) -> str:
 
 
 def make_table(results: list[dict], configs: list[str], seeds: list[int], cfg_scale: float, judge_info: dict,
-               wall_seconds: Optional[float] = None) -> str:
+               wall_seconds: Optional[float] = None, classes: int = 8) -> str:
     metrics = METRICS + _gen_metrics(cfg_scale)
     by = {(r["config"], r["seed"]): r for r in results}
     head = "| config | seeds | " + " | ".join(m[0] for m in metrics) + " | paper: FID / probe % |"
@@ -66,7 +66,7 @@ def make_table(results: list[dict], configs: list[str], seeds: list[int], cfg_sc
                      f"params), {any_r['steps']} steps of {any_r['global_batch']} images; probe on layer "
                      f"{any_r['probe_layer']}. Mean ± sample std over seeds {seeds}.")
     notes.append("Paper column: GPT-B on ImageNet 256, 50 epochs (Table 3): Inception FID without CFG, probe top-1 "
-                 "over 1000 classes; chance here is 12.5% (8 classes).")
+                 f"over 1000 classes; chance here is {100 / classes:.3g}% ({classes} classes).")
     notes.append(f"Judge (CNN on decoded tokens): {100 * judge_info['val_accuracy']:.1f}% on the validation "
                  f"reconstructions; FID of {judge_info['reference_images']} real training reconstructions vs "
                  f"validation: {judge_info['fid_real_train_vs_val']:.2f} (the floor of the FID columns).")
