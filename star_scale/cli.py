@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         print(f"star-scale: error: {e}", file=sys.stderr)
         return 2
     except RunError as e:  # run folder in use or unusable, a failed checkpoint write: one line
-        if not getattr(e, "quiet", False):  # the other ranks of a job whose rank 0 says it
+        if not e.quiet:
             print(f"star-scale: error: {e}", file=sys.stderr)
         return e.exit_code
 

@@ -116,8 +116,7 @@ def checkpoint_costs(engine, folder: Path) -> dict:
             dist_ckpt.wait(engine)
             out[f"{mode}_total_s"] = time.perf_counter() - t0
         out[f"{mode}_peak_rss"] = peak.added
-    mine = [f for f in ckpts.path(1).rglob(f"rank_{rank:05d}.*")]
-    out["ckpt_bytes"] = sum(f.stat().st_size for f in mine)
+    out["ckpt_bytes"] = sum(f.stat().st_size for f in ckpts.path(1).rglob(f"rank_{rank:05d}.*"))
     dist.barrier()
     with PeakRSS() as peak:
         t0 = time.perf_counter()

@@ -28,7 +28,6 @@ resumes at the same epoch and step; which samples each rank reads then follows t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,16 +36,15 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from star_scale.atomic import fsync_dir
-from star_scale.parallel.consolidated import DISTRIBUTED, DISTRIBUTED_V1, from_local
+from star_scale.atomic import fsync_dir, torch_save, write_text
+from star_scale.parallel.consolidated import DISTRIBUTED, from_local, is_distributed
 from star_scale.parallel.pieces import collect, restore
 from star_scale.parallel.shard_files import ShardReader, ShardWriter
 from star_scale.parallel.whole_state import layout_of, load_consolidated, student_args
 from star_scale.parallel.zero_state import optimizer_step
-from star_scale.train.checkpoint import CheckpointDir, listed_file
+from star_scale.train.checkpoint import CheckpointDir, digest, file_problem, listed_file
 from star_scale.train.errors import CheckpointWriteError, checkpoint_write_error
 from star_scale.train.rng import fresh_rng_state
 from star_scale.trust import RefusedFile
@@ -54,22 +52,6 @@ from star_scale.trust.load import load_torch, refuse_code
 
 log = logging.getLogger(__name__)
 FORMAT = DISTRIBUTED
-
-
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _all_gather(obj) -> list:
@@ -88,7 +70,7 @@ def _broadcast(obj):
 class _Save:
     """One rank's share of one checkpoint: its files written (inline or in a thread), then the commit."""
 
-    def __init__(self, ckpts: CheckpointDir, step: int, pieces: ShardWriter, trainer_state: dict, rank: int):
+    def __init__(self, ckpts: CheckpointDir, step: int, pieces: Optional[ShardWriter], trainer_state: dict, rank: int):
         self.ckpts, self.step, self.pieces, self.trainer_state, self.rank = ckpts, step, pieces, trainer_state, rank
         self.final = ckpts.path(step)
         self.tmp = ckpts.root / f".tmp-{self.final.name}"
@@ -100,8 +82,8 @@ class _Save:
         try:
             written = self.pieces.write(self.tmp, self.rank)
             trainer = f"trainer/rank_{self.rank:05d}.pt"
-            _write(self.tmp / trainer, self.trainer_state)
-            self.result = {"files": {name: _digest(self.tmp / name) for name in [*written, trainer]}}
+            torch_save(self.trainer_state, self.tmp / trainer)
+            self.result = {"files": {name: digest(self.tmp / name) for name in [*written, trainer]}}
         except Exception as e:  # reported to every rank at the commit, so that all stop together
             self.result = {"error": str(checkpoint_write_error(self.final, e, self.ckpts.needed_bytes()))}
         finally:
@@ -135,10 +117,7 @@ def _commit(engine, job: _Save) -> Path:
             files = {k: v for r in results for k, v in r["files"].items()}
             meta = {"step": job.step, "format": FORMAT, "layout": layout_of(engine), "args": student_args(engine),
                     "optimizer_step": job.adam_step, "files": dict(sorted(files.items()))}
-            with open(job.tmp / "meta.json", "w") as f:
-                f.write(json.dumps(meta, indent=1))
-                f.flush()
-                os.fsync(f.fileno())
+            write_text(job.tmp / "meta.json", json.dumps(meta, indent=1))
             for d in {(job.tmp / n).parent for n in files} | {job.tmp}:
                 fsync_dir(d)
             if job.final.exists():  # re-saving a step (a stop signal right after a periodic save)
@@ -158,7 +137,7 @@ def save(engine, ckpts: CheckpointDir, step: int, trainer_state: dict, asynchron
     """Write checkpoint ``step`` (collective). Synchronous: committed on return. Asynchronous: see ``poll``."""
     wait(engine)  # an earlier asynchronous save is committed (or fails) first
     L = engine.layout
-    job = _Save(ckpts, step, ShardWriter(), trainer_state, L.rank)
+    job = _Save(ckpts, step, None, trainer_state, L.rank)
     problem = None
     if L.is_main:
         try:
@@ -206,17 +185,7 @@ def _verify(d: Path, rank: int, world: int) -> Optional[str]:
         files = sorted(meta["files"].items())
     except (OSError, ValueError, KeyError) as e:
         return f"{d / 'meta.json'}: unreadable ({e})"
-    problem = None
-    for name, info in files[rank::world]:
-        f = listed_file(d, name)
-        if not f.is_file():
-            problem = f"{f}: missing"
-        elif f.stat().st_size != info["bytes"]:
-            problem = f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
-        elif _digest(f)["sha256"] != info["sha256"]:
-            problem = f"{f}: checksum mismatch (corrupted)"
-        if problem:
-            break
+    problem = next(filter(None, (file_problem(d, name, info) for name, info in files[rank::world])), None)
     found = [p for p in _all_gather(problem) if p]
     return found[0] if found else None
 
@@ -252,7 +221,7 @@ def _trainer_file_after_relayout(d: Path, old: dict, L) -> tuple[Path, bool]:
 def _load_one(engine, d: Path, step: int, meta: dict) -> dict:
     """Restore the engine from verified folder ``d``; this rank's trainer state."""
     L = engine.layout
-    if meta.get("format") not in (FORMAT, DISTRIBUTED_V1):  # a single-process (LocalEngine) checkpoint
+    if not is_distributed(meta):  # a single-process (LocalEngine) checkpoint
         if L.is_main:
             log.info("single-process checkpoint %s: loading it as a consolidated state", d)
         load_consolidated(engine, from_local(load_torch(d / "engine.pt"), engine.module))

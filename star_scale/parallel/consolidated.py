@@ -55,6 +55,11 @@ def from_local(engine_state: dict, module: nn.Module) -> dict:
             "teacher": teacher or None, "layout": {"world": 1, "tp": 1}}
 
 
+def is_distributed(meta: dict) -> bool:
+    """Whether a checkpoint's meta.json is a distributed engine's (either format)."""
+    return meta.get("format") in (DISTRIBUTED, DISTRIBUTED_V1)
+
+
 def from_shards(folder, meta: dict) -> dict:
     """The consolidated state of a sharded distributed checkpoint (whole tensors: one process, offline)."""
     if meta.get("format") == DISTRIBUTED_V1:
@@ -94,7 +99,7 @@ def load_latest_local(engine, ckpts) -> Optional[tuple[int, dict]]:
             continue
         d = ckpts.path(step)
         meta = json.loads((d / "meta.json").read_text())
-        if meta.get("format") in (DISTRIBUTED, DISTRIBUTED_V1):
+        if is_distributed(meta):
             log.info("checkpoint layout %s: loading its shards into one process", meta["layout"])
             to_local(from_shards(d, meta), engine.module, engine.optimizer)
             return step, load_torch(d / "trainer" / "rank_00000.pt")

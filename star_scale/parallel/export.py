@@ -19,7 +19,7 @@ from star_scale.config import load_config
 from star_scale.models.build import gpt_args
 from star_scale.models.gpt import GPT, GPTArgs
 from star_scale.models.model_file import load_strict, save_model_file
-from star_scale.parallel.consolidated import DISTRIBUTED, DISTRIBUTED_V1, from_shards
+from star_scale.parallel.consolidated import from_shards, is_distributed
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.trust.load import load_torch
 
@@ -45,7 +45,7 @@ def newest_whole(path: Path) -> Path:
 def load_models(ckpt: Path) -> dict[str, GPT]:
     """{'student': GPT, 'teacher': GPT (ST-AR runs only)} from one checkpoint folder."""
     meta = json.loads((ckpt / "meta.json").read_text())
-    if meta.get("format") in (DISTRIBUTED, DISTRIBUTED_V1):
+    if is_distributed(meta):
         state = from_shards(ckpt, meta)
         args, weights, teacher = GPTArgs(**state["args"]), state["module"], state["teacher"]
     else:  # single-process checkpoint: the training module's state dict holds both

@@ -114,10 +114,10 @@ def restore(engine, reader: ShardReader, step: int, adam_step: int) -> None:
                 for kind in ("student", *MOMENTS)}
         if hasattr(p, "ds_id"):
             n = p.ds_tensor.numel()
-            safe_set_local_fp32_param(p, _padded(read["student"], n).to(p.device))
+            part = _padded(read["student"], n).to(p.device)
+            safe_set_local_fp32_param(p, part)
             for m in MOMENTS:
                 safe_set_local_optimizer_state(p, _padded(read[m], n).to(p.device), m)
-            part = _padded(read["student"], n).to(p.device)
             p.ds_tensor.data.copy_(part.view_as(p.ds_tensor))
             if p.data.numel() == shape_of(p).numel():  # gathered and kept ("persistent"): whole again from the parts
                 rebuild.append((p, part))

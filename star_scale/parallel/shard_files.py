@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from star_scale.atomic import write_text
+
 KINDS = ("student", "exp_avg", "exp_avg_sq", "teacher")
 DTYPE = torch.float32
 SHARDS = "shards"
@@ -89,9 +91,6 @@ class ShardWriter:
         out.pieces = [(k, i, v.to("cpu", DTYPE, copy=True)) for k, i, v in self.pieces]
         return out
 
-    def nbytes(self) -> int:
-        return sum(v.numel() for _, _, v in self.pieces) * DTYPE.itemsize
-
     def write(self, folder: Path, rank: int) -> list[str]:
         """Write and fsync ``rank``'s files under ``folder``; returns their names relative to it."""
         (folder / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -104,10 +103,7 @@ class ShardWriter:
                 offset += data.numel() * DTYPE.itemsize
             f.flush()
             os.fsync(f.fileno())
-        with open(folder / index_name(rank), "w") as f:
-            f.write(json.dumps({"pieces": index}))
-            f.flush()
-            os.fsync(f.fileno())
+        write_text(folder / index_name(rank), json.dumps({"pieces": index}))
         return [bin_name(rank), index_name(rank)]
 
 
@@ -129,9 +125,6 @@ class ShardReader:
 
     def names(self, kind: str) -> list[str]:
         return sorted(k[len(kind) + 1:] for k in self.by_key if k.startswith(kind + "/"))
-
-    def has(self, key: str) -> bool:
-        return key in self.by_key
 
     def geometry(self, key: str) -> dict:
         if key not in self.by_key:

@@ -107,15 +107,6 @@ class ShardedTeacher:
         self._refresh()
 
     # ---- checkpoints -----------------------------------------------------------
-    def shard_state(self) -> dict:
-        return {n: m.detach().cpu().clone() for n, m in zip(self.names, self.masters)}
-
-    @torch.no_grad()
-    def load_shard_state(self, state: dict) -> None:
-        for n, m in zip(self.names, self.masters):
-            m.copy_(state[n])
-        self._refresh()
-
     def full_state(self) -> dict:
         """Whole TP = 1 fp32 weights (collective: every rank calls it; every rank gets them)."""
         out = {}
@@ -162,14 +153,6 @@ class ReplicatedTeacher:
 
     def copy_from(self, student: nn.Module) -> None:
         self.ema.copy_from(student)
-
-    def shard_state(self) -> dict:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
-
-    @torch.no_grad()
-    def load_shard_state(self, state: dict) -> None:
-        for n, p in self.model.named_parameters():
-            p.copy_(state[n])
 
     def full_state(self) -> dict:
         # A copy even at TP = 1 on CPU, where .cpu() would hand out the live parameters.

@@ -34,6 +34,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def digest(path: Path) -> dict:
+    """A meta.json entry: size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def file_problem(folder: Path, name: str, info: dict) -> Optional[str]:
+    """None if the file meta.json lists as ``name`` matches ``info``, else what is wrong, naming the file."""
+    f = listed_file(folder, name)
+    if not f.is_file():
+        return f"{f}: missing"
+    if f.stat().st_size != info["bytes"]:
+        return f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+    if _sha256(f) != info["sha256"]:
+        return f"{f}: checksum mismatch (corrupted)"
+    return None
+
+
 def listed_file(folder: Path, name: str) -> Path:
     """The file a meta.json entry names: ``shards/rank_00000.bin`` as it is, ``trainer`` as ``trainer.pt``."""
     path = folder / name
@@ -84,7 +101,7 @@ class CheckpointDir:
                 torch.save(obj, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            meta["files"][name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            meta["files"][name] = digest(f)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. on preemption right after a periodic save)
@@ -115,13 +132,9 @@ class CheckpointDir:
         except (OSError, ValueError) as e:
             return f"{meta_path}: unreadable ({e})"
         for name, info in meta["files"].items():
-            f = listed_file(d, name)
-            if not f.is_file():
-                return f"{f}: missing"
-            if f.stat().st_size != info["bytes"]:
-                return f"{f}: {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
-            if _sha256(f) != info["sha256"]:
-                return f"{f}: checksum mismatch (corrupted)"
+            problem = file_problem(d, name, info)
+            if problem:
+                return problem
         return None
 
     def load_latest(self, map_location="cpu") -> Optional[tuple[int, dict]]:

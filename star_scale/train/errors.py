@@ -4,6 +4,7 @@ from __future__ import annotations
 
 class RunError(RuntimeError):
     exit_code = 1
+    quiet = False  # True on the ranks of a distributed job whose rank 0 prints the line
 
 
 class RunFolderError(RunError):
