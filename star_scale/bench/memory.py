@@ -11,9 +11,9 @@ larger rank at N = 2 over the single rank; 0.5 is perfect partitioning).
 ``--startup`` measures instead the peak resident memory each rank reaches while
 building the model, the training module and the engine (over what the process
 held after its imports), and prints ``ratio startup-rss-2/1 = Y``: 0.5 would
-mean start-up memory is partitioned too; every rank still builds the whole
-fp32 student before sharding (the teacher is partitioned first), which keeps Y
-above 0.5 (0.578 on B, NOTES.md).
+mean start-up memory is partitioned as well as the weights.  The model is built
+on the meta device, as the trainer builds it, and allocated one unit at a time,
+each ZeRO-3 partitioned before the next (parallel/zero_init.py).
 
 ``--checkpoint`` saves one checkpoint (synchronously, then asynchronously) and loads it back,
 and prints per rank the bytes it wrote, the wall time of each save (for the asynchronous one,
@@ -140,7 +140,7 @@ def worker(out: str, overrides: list[str], checkpoint: bool = False) -> None:
     cfg = load_config(None, overrides, world_size=world)
     torch.manual_seed(0)
     before = peak_rss()
-    module = build_training_module(cfg, build_model(cfg))
+    module = build_training_module(cfg, build_model(cfg, meta=True))  # as the trainer builds it
     engine = DeepSpeedEngine(module, cfg)
     startup = peak_rss() - before
     t = cfg.model.grid_size ** 2

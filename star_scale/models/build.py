@@ -1,6 +1,11 @@
 """Config -> model: the one place a recipe's model section becomes a GPT."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
 from star_scale.config import Config
 from star_scale.models.gpt import GPT, GPTArgs
 
@@ -16,5 +21,18 @@ def gpt_args(cfg: Config) -> GPTArgs:
     )
 
 
-def build_model(cfg: Config, **layer_factories) -> GPT:
+def build_model(cfg: Config, meta: bool = False, **layer_factories) -> GPT:
+    """meta: no memory until an engine allocates it (``materialize``), as its layout needs, one unit at a
+    time; the weights are the same either way (``GPT.initial_value``)."""
+    if meta:
+        with torch.device("meta"):
+            return GPT(gpt_args(cfg), **layer_factories)
     return GPT(gpt_args(cfg), **layer_factories)
+
+
+def materialize(module: nn.Module, device: torch.device, value_for: Optional[Callable] = None,
+                after_unit: Optional[Callable] = None) -> None:
+    """Allocate every GPT of ``module`` still on the meta device (student, teacher copy) on ``device``;
+    ``value_for(gpt)``: its ``GPT.materialize`` value function (default: the whole initial weights)."""
+    for gpt in [m for m in module.modules() if isinstance(m, GPT) and m.is_meta()]:
+        gpt.materialize(device, value=value_for(gpt) if value_for else None, after_unit=after_unit)

@@ -12,6 +12,7 @@ swap ``nn.Linear``/``nn.Embedding`` for tensor-parallel versions.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -189,27 +190,85 @@ class GPTOutput:
     hidden: dict  # layer index (1..L) -> (B, S, width) block output
 
 
+def initial_value(seed: int, name: str, shape: Sequence[int], std: float) -> torch.Tensor:
+    """Parameter ``name``'s initial value (fp32, CPU), from a generator of its own seeded by (seed, name):
+    any one weight can be made alone, in any order, on any rank, and equals the others' copy of it."""
+    if name == "output.weight":
+        return torch.zeros(shape)  # zero-init head: uniform first predictions
+    if len(shape) == 1:
+        return torch.ones(shape)  # RMSNorm gains
+    key = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return torch.empty(shape).normal_(std=std, generator=generator)
+
+
 class GPT(nn.Module):
-    def __init__(self, args: GPTArgs, linear=plain_linear, embedding=nn.Embedding):
+    """init_seed: the seed of every initial weight (``initial_value``); by default one draw from torch's
+    global generator, the only draw construction makes, so a GPT built on the meta device and materialised
+    later leaves the global stream exactly where a GPT built in place does."""
+
+    def __init__(self, args: GPTArgs, linear=plain_linear, embedding=nn.Embedding, init_seed: Optional[int] = None):
         super().__init__()
         if args.width % args.heads or args.head_dim % 4:
             raise ValueError(f"width {args.width} must split into {args.heads} heads of a multiple-of-4 size")
         self.args = args
-        self.cls_embedding = LabelEmbedder(args.num_classes, args.width, args.class_dropout, embedding)
-        self.tok_embeddings = embedding(args.vocab_size, args.width)
-        self.tok_dropout = nn.Dropout(args.token_dropout)
-        self.layers = nn.ModuleList(Block(args, linear) for _ in range(args.layers))
-        self.norm = RMSNorm(args.width, args.norm_eps)
-        self.output = linear(args.width, args.vocab_size, kind="head")
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu")) if init_seed is None else int(init_seed)
+        with torch.random.fork_rng(devices=[]):  # the layers' own default inits are overwritten below
+            self.cls_embedding = LabelEmbedder(args.num_classes, args.width, args.class_dropout, embedding)
+            self.tok_embeddings = embedding(args.vocab_size, args.width)
+            self.tok_dropout = nn.Dropout(args.token_dropout)
+            self.layers = nn.ModuleList(Block(args, linear) for _ in range(args.layers))
+            self.norm = RMSNorm(args.width, args.norm_eps)
+            self.output = linear(args.width, args.vocab_size, kind="head")
         self.register_buffer("rope", rope_table_2d(args.grid_size, args.head_dim, args.rope_base), persistent=False)
         self.activation_checkpointing = False  # set by the engine from parallel.activation_checkpointing
         self.reset_parameters()
 
-    def reset_parameters(self):
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.args.init_std)
-        nn.init.zeros_(self.output.weight)  # zero-init head: uniform first predictions
+    def initial_value(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """The whole (unsharded) initial value of parameter ``name`` of shape ``shape``."""
+        return initial_value(self.init_seed, name, shape, self.args.init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every allocated weight from ``initial_value`` (a GPT built on the meta device stays
+        unallocated until ``materialize``)."""
+        for name, p in self.named_parameters():
+            if not p.is_meta:
+                p.copy_(self.initial_value(name, p.shape))
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """(name prefix, module) of the pieces ``materialize`` allocates one at a time: the class and
+        token embeddings, each block, the final norm, the head."""
+        out = []
+        for name, child in self.named_children():
+            out += [(f"{name}.{i}", b) for i, b in enumerate(child)] if name == "layers" else [(name, child)]
+        return [(name, m) for name, m in out if next(m.parameters(), None) is not None]
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str = "cpu", value: Optional[Callable] = None,
+                    after_unit: Optional[Callable[[nn.Module], None]] = None) -> "GPT":
+        """Allocate a GPT built under ``torch.device("meta")`` on ``device``, one unit at a time, and fill
+        every parameter with ``value(name, param)`` (default: its initial value).  ``after_unit(unit)``
+        runs once a unit is filled, before the next is allocated: a sharding engine partitions it there,
+        so the whole model never exists at once.  Python attributes of the parameters are kept."""
+        value = value or (lambda name, p: self.initial_value(name, p.shape))
+        self.rope = rope_table_2d(self.args.grid_size, self.args.head_dim, self.args.rope_base).to(device)
+        for prefix, unit in self.units():
+            for module in unit.modules():
+                for key, p in list(module._parameters.items()):
+                    if p is not None and p.is_meta:
+                        new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                           requires_grad=p.requires_grad)
+                        new.__dict__.update(p.__dict__)  # e.g. megatron's tensor-parallel marks
+                        module._parameters[key] = new
+            for local, p in unit.named_parameters():
+                p.copy_(value(f"{prefix}.{local}", p))
+            if after_unit is not None:
+                after_unit(unit)
+        return self
+
+    def is_meta(self) -> bool:
+        return any(p.is_meta for p in self.parameters())
 
     def forward(
         self,

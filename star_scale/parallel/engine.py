@@ -9,9 +9,12 @@ Construction, in order:
 3. the EMA teacher is taken out of the module (the student's engine must not
    partition or optimise it) and the contrastive negatives are gathered over
    the data-parallel group only (tensor-parallel ranks hold the same images);
-4. the student's engine: torch AdamW as the client optimizer, the generated
-   DeepSpeed config, the megatron mpu;
-5. the teacher's engine (``sharded_teacher``), partitioned like the student.
+4. GPTs built on the meta device (the trainer's) are allocated, teacher first,
+   one unit at a time, each ZeRO-3 partitioned before the next exists
+   (``zero_init``): start-up holds 1/N of the model plus one block;
+5. the teacher's engine (``sharded_teacher``), partitioned like the student;
+6. the student's engine: torch AdamW as the client optimizer, the generated
+   DeepSpeed config, the megatron mpu.
 
 Randomness: tensor-parallel ranks of one replica must draw the same dropout
 and masks, data-parallel replicas should not; data-parallel rank 0 keeps the
@@ -38,7 +41,8 @@ from star_scale.parallel.layout import init_layout
 from star_scale.parallel.mpu import MegatronMPU
 from star_scale.parallel.replicas import check_replicas
 from star_scale.parallel.sharded_teacher import ReplicatedTeacher, ShardedTeacher, install_teacher, take_teacher
-from star_scale.parallel.tensor_parallel import LayerFactory, tensor_parallelize
+from star_scale.parallel.tensor_parallel import LayerFactory, materialize_shards, tensor_parallelize
+from star_scale.parallel.zero_init import partitioner
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.train.local_engine import configure_models, make_optimizer, resolve_device, resolve_dtype
 from star_scale.train.metrics import accumulate, read_metrics
@@ -66,10 +70,15 @@ class DeepSpeedEngine:
 
         self.micro_batch, self.accumulation = batch_sizes(cfg, L.dp)
         self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
+        zero3 = cfg.parallel.zero_stage == 3
         self.teacher = None
-        if ema is not None and cfg.parallel.zero_stage == 3:  # partitioned first: see ShardedTeacher
-            self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype, L.tp_group,
-                                          self.device)
+        if ema is not None:  # allocated and partitioned first: see ShardedTeacher
+            materialize_shards(ema, self.device, L.tp_rank, L.tp,
+                        partitioner(teacher_config(self.ds_config), MegatronMPU()) if zero3 else None)
+            if zero3:
+                self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype,
+                                              L.tp_group, self.device)
+        materialize_shards(module, self.device, L.tp_rank, L.tp, partitioner(self.ds_config, MegatronMPU()) if zero3 else None)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False,

@@ -45,8 +45,9 @@ def install_teacher(module: nn.Module, teacher) -> None:
 
 
 class ShardedTeacher:
-    """Partitioned before the student's engine exists, so that the start-up never holds two whole copies:
-    the whole student and the teacher's partition, then the student's partitions (``start_from``)."""
+    """Partitioned before the student's engine exists: built on the meta device, the teacher is allocated
+    and partitioned unit by unit with the student's initial values (zero_init.py); a teacher deep-copied
+    from a whole student is partitioned here, before the student is."""
 
     def __init__(self, ema: EMATeacher, ds_config: dict, mpu, dtype: torch.dtype, tp_group, device: torch.device):
         self.decay = ema.decay

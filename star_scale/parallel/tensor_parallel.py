@@ -17,9 +17,11 @@ rank 0 all of q; instead wqkv is split with stride 3 (megatron's convention):
 rank r holds [q_r | k_r | v_r], its own heads' q, k and v, so the GPT's
 ``unflatten(3, heads, head_dim)`` works unchanged on the local rows.
 
-Weights are never initialised here (perform_initialization=False): the engine
-builds the full TP = 1 model from the seed and copies each rank's shard
-(``shard``), so a run starts from the same weights whatever the layout.
+Weights are never initialised by megatron (perform_initialization=False): each
+rank's shard is cut from the whole TP = 1 value of that one parameter, either
+the given model's or its seeded initial value (``GPT.initial_value``, for a
+model built on the meta device), so a run starts from the same weights
+whatever the layout, and no rank ever builds the whole model.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
                                            vocab_parallel_cross_entropy)
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+from star_scale.models.build import materialize
 from star_scale.models.gpt import GPT, plain_linear
 from star_scale.parallel.shard_files import shard, unshard  # noqa: F401  (the TP split, torch only)
 
@@ -141,17 +144,35 @@ def gather_full(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor
     return unshard(parts, dim, stride)
 
 
+def shard_of_initial(gpt: GPT, rank: int, tp: int):
+    """``GPT.materialize``'s value for a GPT built on meta: this rank's shard of the seeded whole value
+    (one whole parameter at a time, never the whole model)."""
+    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+        dim, stride = partition_of(p)
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] *= tp
+        return shard(gpt.initial_value(name, shape), dim, stride, rank, tp)
+    return value
+
+
+def materialize_shards(module: nn.Module, device: torch.device, rank: int, tp: int, after_unit=None) -> None:
+    """Allocate every GPT of ``module`` still on the meta device with this rank's shards of its seeded
+    initial weights, one unit at a time (``after_unit``: see GPT.materialize)."""
+    materialize(module, device, value_for=lambda gpt: shard_of_initial(gpt, rank, tp), after_unit=after_unit)
+
+
 def to_tensor_parallel(gpt: GPT, factory: LayerFactory, rank: int) -> GPT:
-    """A TP GPT holding this rank's shards of ``gpt``'s weights (same names, same flags)."""
-    with torch.random.fork_rng(devices=[]):  # GPT.__init__ initialises replicated layers: keep the stream
-        tp_gpt = GPT(gpt.args, linear=factory.linear, embedding=factory.embedding)
+    """A TP GPT holding this rank's shards of ``gpt``'s weights (same names, same flags); built on the
+    meta device and left there when ``gpt`` is (``materialize`` allocates it later)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        tp_gpt = GPT(gpt.args, linear=factory.linear, embedding=factory.embedding, init_seed=gpt.init_seed)
     full = dict(gpt.named_parameters())
-    with torch.no_grad():
-        for name, p in tp_gpt.named_parameters():
-            dim, stride = partition_of(p)
-            src = full[name].detach()
-            p.copy_(shard(src, dim, stride, rank, factory.tp))
-            p.requires_grad_(full[name].requires_grad)
+    for name, p in tp_gpt.named_parameters():
+        p.requires_grad_(full[name].requires_grad)
+    if not gpt.is_meta():
+        device = next(gpt.parameters()).device
+        tp_gpt.materialize(device, value=lambda name, p: shard(full[name].detach(), *partition_of(p), rank, factory.tp))
     for key, value in vars(gpt).items():  # plain attributes, e.g. an activation-checkpointing switch
         if not key.startswith("_") and key not in vars(tp_gpt):
             setattr(tp_gpt, key, value)
@@ -172,5 +193,6 @@ def tensor_parallelize(module: nn.Module, factory: LayerFactory, rank: int) -> n
         # The caller may still hold the full model (the trainer keeps it for FLOP counts):
         # release its weights, a full replica per rank is what TP exists to avoid.
         for p in child.parameters():
-            p.data = torch.empty(0, dtype=p.dtype)
+            if not p.is_meta:
+                p.data = torch.empty(0, dtype=p.dtype)
     return module

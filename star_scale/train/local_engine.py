@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from star_scale.config import Config
+from star_scale.models.build import materialize
 from star_scale.objectives.draws import begin_step, end_step, set_step_draws
 from star_scale.train.metrics import accumulate, read_metrics
 
@@ -71,6 +72,7 @@ class LocalEngine:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        materialize(module, self.device)  # a GPT built on the meta device (the trainer's) is allocated here
         self.module = module.to(self.device)
         configure_models(module, cfg)
         self.optimizer = make_optimizer(module, cfg, self.device)

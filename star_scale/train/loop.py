@@ -124,7 +124,7 @@ def train(cfg: Config, *, recipe: Optional[str] = None, stop_after: Optional[int
 def _train(cfg: Config, store, run_dir: Path, *, recipe, stop_after, engine_factory) -> dict:
     seed_everything(cfg.train.seed)
 
-    model = build_model(cfg)
+    model = build_model(cfg, meta=True)  # allocated by the engine, in the shards its layout gives this rank
     module = build_training_module(cfg, model)
     expected_bytes = run_folder.checkpoint_bytes(module)
     if is_main_process():

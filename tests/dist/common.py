@@ -37,14 +37,14 @@ def rank_slice(batch, dp_rank: int, dp: int):
     return tokens[dp_rank * n : (dp_rank + 1) * n], labels[dp_rank * n : (dp_rank + 1) * n]
 
 
-def build(cfg):
-    """Model and training module exactly as the trainer builds them."""
+def build(cfg, meta: bool = True):
+    """Model and training module exactly as the trainer builds them (meta: allocated by the engine)."""
     from star_scale.models.build import build_model
     from star_scale.objectives.module import build_training_module
     from star_scale.train.loop import seed_everything
 
     seed_everything(cfg.train.seed)
-    return build_training_module(cfg, build_model(cfg))
+    return build_training_module(cfg, build_model(cfg, meta=meta))
 
 
 @functools.lru_cache(maxsize=None)

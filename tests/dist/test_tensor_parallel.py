@@ -34,7 +34,9 @@ def test_tp2_logits_and_gradients_match_dense(launches):
 
 def test_tp2_dp2_zero3_ar_matches_one_process(launches):
     tp = launches[0]
-    np.testing.assert_allclose(tp[0]["ar"]["losses"], common.reference_losses("ar"), rtol=1e-5, atol=0)
+    # TP's summation order, amplified by Adam on near-zero gradients (see the ST-AR test below): 2e-5
+    # relative by step 20 (a whole-built and a meta-built module give the very same losses).
+    np.testing.assert_allclose(tp[0]["ar"]["losses"], common.reference_losses("ar"), rtol=1e-4, atol=0)
     assert all(r["ar"]["losses"] == tp[0]["ar"]["losses"] for r in tp)
 
 
@@ -42,7 +44,7 @@ def test_tp2_dp2_zero3_star_matches_one_process(launches):
     tp = launches[0]
     # Gradients agree to ~3e-7 relative (checked above and per parameter), but Adam's first
     # steps scale every near-zero gradient to +-lr, so TP's different summation order shows
-    # up as ~1e-4 relative loss differences over 20 steps; ZeRO alone (test_zero3_*) is exact.
+    # up as ~1e-4 relative loss differences over 20 steps; ZeRO alone: see test_zero3_equivalence.RTOL.
     np.testing.assert_allclose(tp[0]["star"]["losses"], common.reference_losses("star"), rtol=1e-3, atol=0)
     assert tp[0]["star"]["teacher_max_diff"] <= 1e-6
     assert tp[0]["star"]["teacher_moved"] > 1e-3

@@ -13,6 +13,13 @@ from conftest import run_torchrun  # noqa: E402
 WORKER = str(Path(__file__).resolve().parent / "worker.py")
 
 
+# Relative loss tolerance over 20 steps. The gradients agree to float rounding, but the 2 ranks sum
+# them in another order, and Adam scales near-zero gradients up to +-lr: in the AR run (no clipping,
+# grad norm 0.7-0.9) that reaches 2.2e-5 by step 20, identically for a meta-built and a whole-built
+# module; the ST-AR run stays within 1e-5.
+RTOL = {"ar": 1e-4, "star": 1e-5}
+
+
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp2")
@@ -27,13 +34,14 @@ def test_zero3_two_ranks_match_one_process(dp2, objective):
     reference = common.reference_losses(objective)
     got = dp2[objective]["losses"]
     assert len(got) == common.STEPS == 20
-    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(got, reference, rtol=RTOL[objective], atol=0)
     assert reference[0] != reference[-1]  # the run did train
 
 
-@pytest.mark.parametrize("run,objective", [("ar_recompute", "ar"), ("star_zero2", "star")])
-def test_activation_checkpointing_and_zero2_match_one_process(dp2, run, objective):
-    np.testing.assert_allclose(dp2[run]["losses"], common.reference_losses(objective), rtol=1e-5, atol=0)
+@pytest.mark.parametrize("run,objective", [("ar_recompute", "ar"), ("star_zero2", "star"),
+                                           ("star_whole_build", "star")])
+def test_recompute_zero2_and_a_whole_built_module_match_one_process(dp2, run, objective):
+    np.testing.assert_allclose(dp2[run]["losses"], common.reference_losses(objective), rtol=RTOL[objective], atol=0)
 
 
 def test_sharded_teacher_is_the_ema_of_the_gathered_student(dp2):

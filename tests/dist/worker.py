@@ -36,9 +36,9 @@ from star_scale.parallel.layout import init_layout, shutdown  # noqa: E402
 from star_scale.train.checkpoint import CheckpointDir  # noqa: E402
 
 
-def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None = None) -> dict:
+def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None = None, meta: bool = True) -> dict:
     cfg = common.config(objective, f"parallel.tp={tp}", *extra, world=world)
-    module = common.build(cfg)
+    module = common.build(cfg, meta=meta)
     reference_teacher = None
     engine = DeepSpeedEngine(module, cfg)
     if engine.teacher is not None:
@@ -66,7 +66,7 @@ def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None 
 
 def engine_initial_student(cfg) -> dict:
     """The seeded initial student (TP = 1 names), to show the teacher actually moved."""
-    return dict(common.build(cfg).student.named_parameters())
+    return dict(common.build(cfg, meta=False).student.named_parameters())
 
 
 def tp_check() -> dict:
@@ -75,7 +75,7 @@ def tp_check() -> dict:
 
     L = init_layout(2)
     cfg = common.config("ar", "parallel.tp=2", world=dist.get_world_size())
-    dense = common.build(cfg).student
+    dense = common.build(cfg, meta=False).student
     torch.nn.init.normal_(dense.output.weight, std=0.02)  # the zero-initialised head would hide logit errors
     tp_model = to_tensor_parallel(dense, LayerFactory(2), L.tp_rank)
     tokens, labels = common.batches(1, 1)[0]
@@ -171,6 +171,7 @@ def main() -> None:
     if scenario == "dp2":
         results["ar"] = run("ar", 2, 1)
         results["star"] = run("star", 2, 1)
+        results["star_whole_build"] = run("star", 2, 1, meta=False)  # a module built whole, then partitioned
         results["ar_recompute"] = run("ar", 2, 1, "parallel.activation_checkpointing=true")
         results["star_zero2"] = run("star", 2, 1, "parallel.zero_stage=2")
         results["star_accum"] = run("star", 2, 1, "data.micro_batch=2")  # 2 ranks x 2 micro-batches of 2

@@ -115,3 +115,39 @@ def test_class_dropout_uses_null_class():
 def test_bad_head_split_is_refused():
     with pytest.raises(ValueError, match="width 100"):
         GPT(GPTArgs(layers=1, heads=12, width=100))
+
+
+def test_meta_build_materialized_unit_by_unit_equals_a_build_in_place():
+    torch.manual_seed(3)
+    direct = GPT(ARGS)
+    after_direct = torch.rand(4)  # the global stream after construction
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        lazy = GPT(ARGS)
+    after_lazy = torch.rand(4)
+    assert torch.equal(after_direct, after_lazy) and lazy.is_meta()
+    seen = []
+
+    def after_unit(unit):  # every earlier unit is allocated, every later one still on meta
+        seen.append(sum(p.numel() for p in lazy.parameters() if not p.is_meta))
+    lazy.materialize("cpu", after_unit=after_unit)
+    assert len(seen) == len(lazy.units()) == ARGS.layers + 4 and seen == sorted(set(seen))
+    assert seen[-1] == direct.num_params() and not lazy.is_meta()
+    assert direct.state_dict().keys() == lazy.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), lazy.state_dict().values()))
+    assert torch.equal(direct.rope, lazy.rope)
+    tokens, labels = torch.randint(0, 64, (2, 15)), torch.tensor([0, 3])
+    assert torch.equal(direct.eval()(tokens, labels).logits, lazy.eval()(tokens, labels).logits)
+
+
+def test_initial_values_depend_on_seed_and_name_only():
+    a, b = GPT(ARGS, init_seed=7), GPT(ARGS, init_seed=7)
+    c = GPT(ARGS, init_seed=8)
+    name = "layers.1.attention.wqkv.weight"
+    w = dict(a.named_parameters())[name]
+    assert torch.equal(w, dict(b.named_parameters())[name]) and not torch.equal(w, dict(c.named_parameters())[name])
+    assert torch.equal(w, a.initial_value(name, w.shape))  # made alone, out of order: the same value
+    assert abs(w.std().item() - ARGS.init_std) < 0.002
+    other = dict(a.named_parameters())["layers.0.attention.wqkv.weight"]
+    assert not torch.equal(w, other)  # every weight its own stream
+    assert torch.all(a.output.weight == 0) and torch.all(a.norm.weight == 1)
