@@ -10,7 +10,8 @@ larger rank at N = 2 over the single rank; 0.5 is perfect partitioning).
 
 ``--startup`` measures instead the peak resident memory each rank reaches while
 building the model, the training module and the engine (over what the process
-held after its imports), and prints ``ratio startup-rss-2/1 = Y``: 0.5 would
+held after its imports), for N = 1, N = 2 and N = 2 as one TP = 2 group, and prints
+``ratio startup-rss-tp2/1`` and last ``ratio startup-rss-2/1 = Y``: 0.5 would
 mean start-up memory is partitioned as well as the weights.  The model is built
 on the meta device, as the trainer builds it, and allocated one unit at a time,
 each ZeRO-3 partitioned before the next (parallel/zero_init.py).
@@ -162,8 +163,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False) -> list[dict]:
-    out = tmp / f"ranks{n}.json"
+def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False, tag: str = "") -> list[dict]:
+    out = tmp / f"ranks{n}{tag}.json"
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -172,7 +173,7 @@ def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False) ->
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
            str(free_port()), "-m", "star_scale.bench.memory", "--worker", str(out), *(["--checkpoint"] if checkpoint else []), "--",
            *overrides]
-    log = tmp / f"launch{n}.log"
+    log = tmp / f"launch{n}{tag}.log"
     with open(log, "w") as f:
         code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if code:
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-size", type=int, default=4, help="tokens per side (memory of weights does not depend on it)")
     p.add_argument("--objective", default="ar", choices=["ar", "star"], help="star also reports the sharded teacher")
     p.add_argument("--startup", action="store_true", help="peak RSS per rank while building model, module and "
-                   "engine (N = 1 vs 2); last line `ratio startup-rss-2/1 = Y`")
+                   "engine (N = 1 vs 2, and 2 as TP = 2); last line `ratio startup-rss-2/1 = Y`")
     p.add_argument("--checkpoint", action="store_true", help="bytes written per rank, seconds per save (sync and "
                    "async) and peak RSS added by save and load (N = 1 vs 2); last line "
                    "`ratio ckpt-bytes-per-rank-2/1 = X`")
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="bench-memory.") as tmp:
         results = {n: launch(n, overrides, Path(tmp), args.checkpoint) for n in (1, 2)}
+        if args.startup:  # and 2 ranks as one TP = 2 group (megatron layers, dp = 1)
+            tp2 = launch(2, overrides + ["parallel.tp=2"], Path(tmp), tag="tp2")
     if args.checkpoint:
         for n, ranks in results.items():
             for r, m in enumerate(ranks):
@@ -222,7 +225,10 @@ def main(argv=None) -> int:
         for n, ranks in results.items():
             for r, m in enumerate(ranks):
                 print(f"startup N={n} rank {r}: peak RSS +{m['startup_rss'] / mib:8.1f} MiB")
+        for r, m in enumerate(tp2):
+            print(f"startup N=2 TP=2 rank {r}: peak RSS +{m['startup_rss'] / mib:8.1f} MiB")
         peak = {n: max(m["startup_rss"] for m in ranks) for n, ranks in results.items()}
+        print(f"ratio startup-rss-tp2/1 = {max(m['startup_rss'] for m in tp2) / peak[1]:.3f}")
         print(f"ratio startup-rss-2/1 = {peak[2] / peak[1]:.3f}")
         return 0
     totals = {}
