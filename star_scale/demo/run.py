@@ -39,8 +39,9 @@ from star_scale.train.report import write_report
 
 IMAGE_SIZE = 32
 # Per dataset: classes, training steps, and the class names.
-# 1,200 digit steps: about 2.5 min of the demo's 3.5 on 2 quiet cores (judge 60.5% at CFG 2; 57.0% at 1,000).
-DATASETS = {"digits": {"classes": 10, "steps": 1200, "names": DIGITS, "what": "real handwritten digits"},
+# 1,000 digit steps: 135-200 s of training on one core of this machine, whose speed varies by 1.5x (NOTES.md);
+# 1,200 steps (judge 60.5% vs 57.0%) took the demo to 5.5 min on a slow stretch.
+DATASETS = {"digits": {"classes": 10, "steps": 1000, "names": DIGITS, "what": "real handwritten digits"},
             "shapes": {"classes": 8, "steps": 600, "names": SHAPES, "what": "generated shape images"}}
 # The embedded default: the tiny preset with ST-AR on the demo's tokens.
 DEMO_OVERRIDES = [
