@@ -129,6 +129,7 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     real, real_labels = real_centre_crops(images, IMAGE_SIZE)
     pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
     # Training runs on one thread; the real images' Inception pass (about a minute) takes the second core.
+    # (Not the judge: its training reseeds torch's global generator, which training draws from.)
     real_pool = in_background(inception_pool, real[pick], "inception real", show=False) if fid else None
     summary = train(cfg)
     t_train = time.time()
@@ -153,7 +154,10 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
                "judge_heldout_accuracy": judge_val}
     if fid:
         fid_samples = by_class[:, :fid_per_class].reshape(-1, *samples.shape[1:])
-        metrics["inception_fid"] = frechet_distance(inception_pool(fid_samples, "inception samples"), real_pool())
+        half = len(fid_samples) // 2  # one half per core
+        first = in_background(inception_pool, fid_samples[:half], "inception samples", show=False)
+        rest = inception_pool(fid_samples[half:], "inception samples")
+        metrics["inception_fid"] = frechet_distance(np.concatenate([first(), rest]), real_pool())
     result = {
         "dataset": dataset, "images": len(store), "classes": spec["classes"], "class_names": spec["names"],
         "tokens_per_image": store.tokens_per_image,
