@@ -12,20 +12,30 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from star_scale.evaluate.adm_npz import check_images, npz_keys
 
 log = logging.getLogger(__name__)
 
-# OpenAI guided-diffusion's reference batches -> (resolution, sha256 or None when no verified copy
-# was at hand to hash; add it from a verified download).
-KNOWN_REFERENCES: dict[str, tuple[int, Optional[str]]] = {
-    "VIRTUAL_imagenet64_labeled.npz": (64, None),
-    "VIRTUAL_imagenet128_labeled.npz": (128, None),
-    "VIRTUAL_imagenet256_labeled.npz": (256, None),
-    "VIRTUAL_imagenet512.npz": (512, None),
-    "VIRTUAL_lsun_bedroom256.npz": (256, None),
+
+class Known(NamedTuple):
+    resolution: int
+    sha256: Optional[str] = None  # None: no published digest to pin
+    size: Optional[int] = None    # bytes; checked before hashing, so a partial download is named at once
+
+
+# OpenAI guided-diffusion's reference batches (openaipublic.blob.core.windows.net/diffusion/jul-2021/
+# ref_batches/).  The 256 px digest and size are the ones independent public evaluation setups check
+# their downloads against (they agree, and match a Git LFS copy's object id); the other batches have
+# no digest published anywhere we could read, so only their resolution is checked.
+KNOWN_REFERENCES: dict[str, Known] = {
+    "VIRTUAL_imagenet64_labeled.npz": Known(64),
+    "VIRTUAL_imagenet128_labeled.npz": Known(128),
+    "VIRTUAL_imagenet256_labeled.npz": Known(
+        256, "b32732719497e42660a9affb4a966068cba0855ac449b82015e34ec376d20758", 2_037_122_530),
+    "VIRTUAL_imagenet512.npz": Known(512),
+    "VIRTUAL_lsun_bedroom256.npz": Known(256),
 }
 
 
@@ -47,14 +57,10 @@ def check_reference(ref_path: str | os.PathLike, sample_resolution: Optional[int
     known = KNOWN_REFERENCES.get(path.name)
     stored = image_resolution(path)
     if known is not None:
-        resolution, pinned = known
+        resolution = known.resolution
         if stored is not None and stored != resolution:
             raise ValueError(f"{path}: named like the ADM {resolution} px reference batch but holds {stored} px images")
-        if pinned is not None:
-            digest = (sha256 or sha256_of)(path)
-            if digest != pinned:
-                log.warning("%s: sha256 %s differs from the published file's %s: a partial or different "
-                            "download gives different FID", path, digest, pinned)
+        _check_bytes(path, known, sha256 or sha256_of)
     else:
         match = re.search(r"imagenet(\d+)", path.name)
         resolution = stored or (int(match.group(1)) if match else None)
@@ -63,3 +69,18 @@ def check_reference(ref_path: str | os.PathLike, sample_resolution: Optional[int
                          f"FID is only comparable at one resolution; use the {sample_resolution} px reference "
                          f"(e.g. VIRTUAL_imagenet{sample_resolution}_labeled.npz) or sample at {resolution} px")
     return resolution
+
+
+def _check_bytes(path: Path, known: Known, sha256) -> None:
+    """Warn (the numbers are still computed) when a pinned file's bytes are not the published ones."""
+    if known.sha256 is None:
+        return
+    size = path.stat().st_size
+    if known.size is not None and size != known.size:
+        log.warning("%s: %d bytes, but the published file has %d (sha256 %s): a partial or different "
+                    "download gives different FID", path, size, known.size, known.sha256)
+        return
+    digest = sha256(path)
+    if digest != known.sha256:
+        log.warning("%s: sha256 %s differs from the published file's %s: a partial or different "
+                    "download gives different FID", path, digest, known.sha256)

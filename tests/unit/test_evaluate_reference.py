@@ -40,12 +40,32 @@ def test_a_known_name_holding_other_images_is_refused(tmp_path):
         reference.check_reference(ref, 64)
 
 
-def test_a_pinned_reference_with_other_bytes_warns(tmp_path, monkeypatch, caplog):
+def test_the_256_px_batch_is_pinned_and_a_partial_download_is_named_without_hashing(tmp_path, caplog):
+    ref = images(tmp_path / "VIRTUAL_imagenet256_labeled.npz", 2, 256)
+    pinned = reference.KNOWN_REFERENCES[ref.name]
+    assert len(pinned.sha256) == 64 and pinned.size == 2_037_122_530
+
+    def no_hashing(path):
+        raise AssertionError("a file of the wrong size was hashed")
+
+    with caplog.at_level(logging.WARNING):
+        assert reference.check_reference(ref, 256, sha256=no_hashing) == 256
+    assert (f"{ref}: {ref.stat().st_size} bytes, but the published file has 2037122530 (sha256 {pinned.sha256}): "
+            "a partial or different download gives different FID") in caplog.text
+
+
+def test_a_pinned_reference_of_the_right_size_with_other_bytes_warns(tmp_path, monkeypatch, caplog):
     ref = images(tmp_path / "VIRTUAL_imagenet64_labeled.npz", 2, 64)
-    monkeypatch.setitem(reference.KNOWN_REFERENCES, ref.name, (64, "0" * 64))
+    monkeypatch.setitem(reference.KNOWN_REFERENCES, ref.name, reference.Known(64, "0" * 64, ref.stat().st_size))
     with caplog.at_level(logging.WARNING):
         assert reference.check_reference(ref, 64) == 64
     assert f"{ref}: sha256 " in caplog.text and f"differs from the published file's {'0' * 64}" in caplog.text
+    caplog.clear()
+    from star_scale.evaluate.inception_default import sha256_of
+    monkeypatch.setitem(reference.KNOWN_REFERENCES, ref.name, reference.Known(64, sha256_of(ref), ref.stat().st_size))
+    with caplog.at_level(logging.WARNING):
+        assert reference.check_reference(ref, 64) == 64
+    assert caplog.text == ""
 
 
 def test_default_weights_give_fid_sfid_precision_recall(tmp_path, capsys):
