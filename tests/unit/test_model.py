@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from star_scale.models.generate import filter_logits, generate
-from star_scale.models.gpt import GPT, GPTArgs, rope_table_2d
+from star_scale.models.gpt import GPT, GPTArgs, rope_complex, rope_real, rope_table_2d
 
 ARGS = GPTArgs(layers=2, heads=4, width=64, vocab_size=64, num_classes=4, grid_size=4)
 
@@ -151,3 +151,22 @@ def test_initial_values_depend_on_seed_and_name_only():
     other = dict(a.named_parameters())["layers.0.attention.wqkv.weight"]
     assert not torch.equal(w, other)  # every weight its own stream
     assert torch.all(a.output.weight == 0) and torch.all(a.norm.weight == 1)
+
+
+@pytest.mark.parametrize("odd_strides", [False, True])
+def test_complex_rope_is_the_real_rotation_bit_for_bit(odd_strides):
+    """Eager mode rotates by one complex multiply, compiled code by the real form: same bits, both ways."""
+    table = rope_table_2d(grid_size=4, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    # q out of a fused qkv projection (non-contiguous), or a tensor whose strides are odd
+    base = torch.randn(2, 17, 3 * 4 * 16, generator=g) if not odd_strides else torch.randn(2, 17, 4, 17, generator=g)
+    grads = torch.randn(2, 17, 4, 16, generator=g)
+    outs = []
+    for rope in (rope_real, rope_complex):
+        leaf = base.clone().requires_grad_()
+        x = leaf.unflatten(-1, (3, 4, 16))[:, :, 0] if not odd_strides else leaf[..., :16]
+        out = rope(x, table)
+        out.backward(grads)
+        outs.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
