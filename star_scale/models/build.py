@@ -1,6 +1,7 @@
 """Config -> model: the one place a recipe's model section becomes a GPT."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -24,10 +25,8 @@ def gpt_args(cfg: Config) -> GPTArgs:
 def build_model(cfg: Config, meta: bool = False, **layer_factories) -> GPT:
     """meta: no memory until an engine allocates it (``materialize``), as its layout needs, one unit at a
     time; the weights are the same either way (``GPT.initial_value``)."""
-    if meta:
-        with torch.device("meta"):
-            return GPT(gpt_args(cfg), **layer_factories)
-    return GPT(gpt_args(cfg), **layer_factories)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return GPT(gpt_args(cfg), **layer_factories)
 
 
 def materialize(module: nn.Module, device: torch.device, value_for: Optional[Callable] = None,

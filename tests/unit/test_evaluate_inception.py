@@ -62,6 +62,21 @@ def test_feature_shapes_and_spatial_layout(net):
     torch.testing.assert_close(out["logits"], out["pool"] @ net.fc.weight.T)
 
 
+def test_threads_may_share_one_model(net):
+    """The demo runs two Inception passes at once on one model: each call's features are its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+               for i in range(6)]
+    with torch.no_grad():
+        alone = [net(b) for b in batches]
+        with ThreadPoolExecutor(2) as pool:
+            shared = list(pool.map(net, batches))
+    for a, b in zip(alone, shared):
+        torch.testing.assert_close(b["spatial"], a["spatial"], rtol=0, atol=0)
+        torch.testing.assert_close(b["pool"], a["pool"], rtol=0, atol=0)
+
+
 def test_parameter_names_follow_the_fid_weights_file(net):
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert shapes["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
