@@ -9,6 +9,10 @@ warm-up steps, and the medians are compared.  The ideal ratio is about 4/3
 (one extra teacher forward per sequence, no output head); the target is
 <= 1.40.
 
+``--rope`` instead times one ST-AR engine with RoPE as one complex multiply (what
+eager mode runs) against the real form on strided halves (what compiled code runs),
+interleaved, and prints ``ratio rope-complex/real = X`` (step time; below 1 is faster).
+
 Default configurations: ``tiny`` (the tiny preset) and ``B-2L`` (B's width
 and heads, 2 layers), both with the paper's data shape (16384 codes, 16x16
 grid, 1000 classes).  The last printed line is ``ratio star/ar = X``, X being
@@ -85,6 +89,37 @@ def bench_config(name: str, layers: int, heads: int, width: int, images: int, *,
             "device": str(engines["ar"].device)}
 
 
+def bench_rope(name: str, layers: int, heads: int, width: int, images: int, *, reps: int, warmup: int,
+               device: str, seed: int = 0) -> dict:
+    """Median ST-AR step time with each RoPE form, interleaved on one engine (same weights, same inputs)."""
+    from star_scale.models import gpt
+
+    cfg = make_config("star", layers, heads, width, images, device)
+    engine = build_engine(cfg, seed)
+    t = cfg.model.grid_size ** 2
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (images, 2, t), generator=gen)
+    labels = torch.randint(0, cfg.model.num_classes, (images,), generator=gen)
+    forms = {"complex": gpt.apply_rope,
+             "real": lambda x, table: gpt.rope_real(x.float(), table).type_as(x)}
+    times: dict = {k: [] for k in forms}
+    try:
+        for rep in range(warmup + reps):
+            for kind, form in forms.items():
+                gpt.apply_rope = form  # Attention.forward looks the function up at each call
+                _sync(engine.device)
+                t0 = time.perf_counter()
+                engine.train_step(tokens, labels)
+                _sync(engine.device)
+                if rep >= warmup:
+                    times[kind].append(time.perf_counter() - t0)
+    finally:
+        gpt.apply_rope = forms["complex"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"name": name, "complex_s": med["complex"], "real_s": med["real"], "ratio": med["complex"] / med["real"],
+            "device": str(engine.device)}
+
+
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(
         prog="star-scale bench step",
@@ -100,6 +135,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each objective first (default 2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="default: cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--rope", action="store_true", help="instead: ST-AR step time with RoPE as one complex multiply "
+                   "(eager mode) vs the real form (compiled code); last line `ratio rope-complex/real = X`")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +147,8 @@ def main(argv: Optional[list] = None) -> int:
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
 
+    if args.rope:
+        return _print_rope(names, args)
     worst = 0.0
     for name in names:
         layers, heads, width, images = CONFIGS[name]
@@ -125,6 +164,19 @@ def main(argv: Optional[list] = None) -> int:
         print(f"  {name} ratio star/ar = {r['ratio']:.3f}")
         worst = max(worst, r["ratio"])
     print(f"ratio star/ar = {worst:.3f}")
+    return 0
+
+
+def _print_rope(names: list[str], args) -> int:
+    worst = 0.0
+    for name in names:
+        layers, heads, width, images = CONFIGS[name]
+        r = bench_rope(name, layers, heads, width, args.images or images, reps=args.reps, warmup=args.warmup,
+                       device=args.device)
+        print(f"{name}: star, {r['device']}, median of {args.reps}: RoPE complex {1e3 * r['complex_s']:.1f} ms/step, "
+              f"real {1e3 * r['real_s']:.1f} ms/step, ratio {r['ratio']:.3f}")
+        worst = max(worst, r["ratio"])
+    print(f"ratio rope-complex/real = {worst:.3f}")
     return 0
 
 

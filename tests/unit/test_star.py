@@ -268,3 +268,15 @@ def test_bench_step_runs_and_prints_ratio_last(capsys, monkeypatch):
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"ratio star/ar = \d+\.\d{3}", lines[-1])
     assert any(line.strip().startswith("ar ") for line in lines) and any("star (" in line for line in lines)
+
+
+def test_bench_step_rope_prints_its_ratio_last_and_restores_the_eager_form(capsys, monkeypatch):
+    from star_scale.models import gpt
+
+    eager = gpt.apply_rope
+    monkeypatch.setitem(bench_step.CONFIGS, "micro", (1, 2, 32, 1))
+    assert bench_step.main(["--rope", "--configs", "micro", "--reps", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"ratio rope-complex/real = \d+\.\d{3}", lines[-1])
+    assert lines[0].startswith("micro: star, cpu, median of 1: RoPE complex ")
+    assert gpt.apply_rope is eager
