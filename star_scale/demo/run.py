@@ -132,7 +132,7 @@ def run_demo(out: str | Path = "demo_out", steps: Optional[int] = None, dataset:
     pick = np.random.default_rng(0).permutation(len(real))[:fid_real]
     # Training runs on one thread; the real images' Inception pass (about a minute) takes the second core.
     # (Not the judge: its training reseeds torch's global generator, which training draws from.)
-    inception = load_weights(None, "cpu") if fid else None  # one model for every pass (eval: no state)
+    inception = load_weights(None, "cpu") if fid else None  # one model for every pass; threads may share it
     real_pool = in_background(inception_pool, inception, real[pick], "inception real", show=False) if fid else None
     summary = train(cfg)
     t_train = time.time()
