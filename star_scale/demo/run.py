@@ -41,8 +41,8 @@ from star_scale.train.report import write_report
 
 IMAGE_SIZE = 32
 # Per dataset: classes, training steps, and the class names.
-# 1,000 digit steps: 135-200 s of training on one core of this machine, whose speed varies by 1.5x (NOTES.md);
-# 1,200 steps (judge 60.5% vs 57.0%) took the demo to 5.5 min on a slow stretch.
+# 1,000 digit steps: 135-200 s of training on one core of a 2-core machine whose speed varies by 1.5x
+# (NOTES.md); 1,200 steps give judge 61.0% vs 52.5%, but on a slow stretch the demo would pass 5 minutes.
 DATASETS = {"digits": {"classes": 10, "steps": 1000, "names": DIGITS, "what": "real handwritten digits"},
             "shapes": {"classes": 8, "steps": 600, "names": SHAPES, "what": "generated shape images"}}
 # The embedded default: the tiny preset with ST-AR on the demo's tokens.
