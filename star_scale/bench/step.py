@@ -60,33 +60,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _random_batch(cfg: Config, n: int, views: int, gen: torch.Generator) -> tuple:
+    t = cfg.model.grid_size ** 2
+    return (torch.randint(0, cfg.model.vocab_size, (n, views, t), generator=gen),
+            torch.randint(0, cfg.model.num_classes, (n,), generator=gen))
+
+
+def _interleaved_medians(steps: dict, *, reps: int, warmup: int, device: torch.device) -> dict:
+    """Median seconds of each named step, run interleaved (a, b, a, b, ...) after ``warmup`` rounds."""
+    times: dict = {k: [] for k in steps}
+    for rep in range(warmup + reps):
+        for kind, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if rep >= warmup:
+                times[kind].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_config(name: str, layers: int, heads: int, width: int, images: int, *, reps: int, warmup: int,
                  device: str, seed: int = 0) -> dict:
     ar_cfg = make_config("ar", layers, heads, width, 2 * images, device)
     star_cfg = make_config("star", layers, heads, width, images, device)
     engines = {"ar": build_engine(ar_cfg, seed), "star": build_engine(star_cfg, seed)}
-    t = ar_cfg.model.grid_size ** 2
     gen = torch.Generator().manual_seed(seed)
-    inputs = {
-        "ar": (torch.randint(0, ar_cfg.model.vocab_size, (2 * images, 1, t), generator=gen),
-               torch.randint(0, ar_cfg.model.num_classes, (2 * images,), generator=gen)),
-        "star": (torch.randint(0, star_cfg.model.vocab_size, (images, 2, t), generator=gen),
-                 torch.randint(0, star_cfg.model.num_classes, (images,), generator=gen)),
-    }
-    times: dict = {"ar": [], "star": []}
-    for rep in range(warmup + reps):
-        for kind in ("ar", "star"):
-            engine = engines[kind]
-            _sync(engine.device)
-            t0 = time.perf_counter()
-            engine.train_step(*inputs[kind])
-            _sync(engine.device)
-            if rep >= warmup:
-                times[kind].append(time.perf_counter() - t0)
-    ar, star = statistics.median(times["ar"]), statistics.median(times["star"])
+    inputs = {"ar": _random_batch(ar_cfg, 2 * images, 1, gen), "star": _random_batch(star_cfg, images, 2, gen)}
+    med = _interleaved_medians({k: (lambda k=k: engines[k].train_step(*inputs[k])) for k in engines},
+                               reps=reps, warmup=warmup, device=engines["ar"].device)
+    ar, star = med["ar"], med["star"]
     return {"name": name, "layers": layers, "heads": heads, "width": width, "images": images,
-            "sequences": 2 * images, "tokens": t, "ar_s": ar, "star_s": star, "ratio": star / ar,
-            "device": str(engines["ar"].device)}
+            "sequences": 2 * images, "tokens": ar_cfg.model.grid_size ** 2, "ar_s": ar, "star_s": star,
+            "ratio": star / ar, "device": str(engines["ar"].device)}
 
 
 def bench_rope(name: str, layers: int, heads: int, width: int, images: int, *, reps: int, warmup: int,
@@ -96,26 +102,21 @@ def bench_rope(name: str, layers: int, heads: int, width: int, images: int, *, r
 
     cfg = make_config("star", layers, heads, width, images, device)
     engine = build_engine(cfg, seed)
-    t = cfg.model.grid_size ** 2
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.model.vocab_size, (images, 2, t), generator=gen)
-    labels = torch.randint(0, cfg.model.num_classes, (images,), generator=gen)
+    batch = _random_batch(cfg, images, 2, torch.Generator().manual_seed(seed))
     forms = {"complex": gpt.apply_rope,
              "real": lambda x, table: gpt.rope_real(x.float(), table).type_as(x)}
-    times: dict = {k: [] for k in forms}
+
+    def step_with(form):
+        def step():
+            gpt.apply_rope = form  # Attention.forward looks the function up at each call
+            engine.train_step(*batch)
+        return step
+
     try:
-        for rep in range(warmup + reps):
-            for kind, form in forms.items():
-                gpt.apply_rope = form  # Attention.forward looks the function up at each call
-                _sync(engine.device)
-                t0 = time.perf_counter()
-                engine.train_step(tokens, labels)
-                _sync(engine.device)
-                if rep >= warmup:
-                    times[kind].append(time.perf_counter() - t0)
+        med = _interleaved_medians({k: step_with(f) for k, f in forms.items()}, reps=reps, warmup=warmup,
+                                   device=engine.device)
     finally:
         gpt.apply_rope = forms["complex"]
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {"name": name, "complex_s": med["complex"], "real_s": med["real"], "ratio": med["complex"] / med["real"],
             "device": str(engine.device)}
 
