@@ -62,7 +62,7 @@ class DeepSpeedEngine:
         if not L.is_main:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-        module = tensor_parallelize(module, LayerFactory(L.tp, self.device), L.tp_rank)
+        module = tensor_parallelize(module, LayerFactory(L.tp), L.tp_rank)
         configure_models(module, cfg)
         ema = take_teacher(module)
         if hasattr(module, "negatives_group"):

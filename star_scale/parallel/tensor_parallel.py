@@ -46,11 +46,14 @@ def _no_init(weight: torch.Tensor) -> None:
     pass  # weights are copied from the full model (see module docstring)
 
 
-def megatron_config(tp: int, device: torch.device) -> ModelParallelConfig:
-    cpu = device.type != "cuda"
-    # Measured on CPU: CPU initialisation, no gradient-accumulation fusion (needs apex CUDA
-    # kernels, and DeepSpeed owns the gradients anyway), no sequence parallelism.
-    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=cpu,
+def megatron_config(tp: int) -> ModelParallelConfig:
+    # use_cpu_initialization on every device: megatron then allocates with a plain torch.empty, which
+    # the meta-device context of ``to_tensor_parallel`` keeps unallocated; without it megatron puts
+    # every weight on torch.cuda.current_device() at construction, the whole TP-local model at once.
+    # Megatron initialises nothing (perform_initialization=False), so the flag changes nothing else.
+    # No gradient-accumulation fusion (needs apex CUDA kernels, and DeepSpeed owns the gradients
+    # anyway), no sequence parallelism.
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                perform_initialization=False, gradient_accumulation_fusion=False,
                                sequence_parallel=False, params_dtype=torch.float32)
 
@@ -101,9 +104,9 @@ class VocabEmbedding(VocabParallelEmbedding):
 class LayerFactory:
     """``GPT(args, linear=f.linear, embedding=f.embedding)``: plain layers at TP = 1."""
 
-    def __init__(self, tp: int = 1, device: torch.device = torch.device("cpu")):
+    def __init__(self, tp: int = 1):
         self.tp = tp
-        self.config = megatron_config(tp, device) if tp > 1 else None
+        self.config = megatron_config(tp) if tp > 1 else None
 
     def linear(self, in_features: int, out_features: int, kind: str = "") -> nn.Module:
         if self.tp == 1:
