@@ -146,23 +146,46 @@ def resume1(ckpt_dir: Path) -> dict:
 
 
 def tp2_perturb() -> dict:
-    """The TP replica check passes on a fresh TP 2 engine, then fails once one rank's copy of a norm moves."""
+    """The TP replica check passes on a fresh TP 2 engine and after rank 1's copy of a norm moves by one ulp
+    per element, then fails once it moves by 1e-3. Also: the TP GPT of a meta-built module stays unallocated
+    (what the engine builds on every device, CUDA included) until materialised."""
     from star_scale.parallel.replicas import ReplicaMismatch, check_replicas
+    from star_scale.parallel.tensor_parallel import LayerFactory, tensor_parallelize
 
     cfg = common.config("ar", "parallel.tp=2", world=2)
     engine = DeepSpeedEngine(common.build(cfg), cfg)
-    out = {}
-    for when in ("before", "after"):
+    out = {"tp_meta": tp_build_allocates(LayerFactory, tensor_parallelize, cfg, engine.layout.tp_rank)}
+    weight = dict(engine.module.named_parameters())["student.norm.weight"]
+    local = weight.ds_tensor if hasattr(weight, "ds_tensor") else weight
+    for when in ("before", "last_bit", "after"):
         try:
             check_replicas(engine.module, engine.layout.tp_group)
             out[when] = "agree"
         except ReplicaMismatch as e:
             out[when] = str(e)
-        if when == "before" and engine.layout.tp_rank == 1:
-            weight = dict(engine.module.named_parameters())["student.norm.weight"]
+        if engine.layout.tp_rank == 1:
             with torch.no_grad():
-                (weight.ds_tensor if hasattr(weight, "ds_tensor") else weight).add_(1e-3)
+                if when == "before":  # what another reduction order can leave: the next float up
+                    local.copy_(torch.nextafter(local, torch.full_like(local, float("inf"))))
+                else:
+                    local.add_(1e-3)
     return out
+
+
+def tp_build_allocates(LayerFactory, tensor_parallelize, cfg, tp_rank: int) -> dict:
+    """Build the engine's TP module from a meta-built one with every CUDA device query failing: megatron
+    must not allocate (it did on CUDA: use_cpu_initialization=False puts weights on current_device())."""
+    def no_cuda():
+        raise AssertionError("a megatron layer asked for a CUDA device at construction")
+
+    default, torch.cuda.current_device = torch.cuda.current_device, no_cuda
+    try:
+        module = tensor_parallelize(common.build(cfg), LayerFactory(2), tp_rank)
+        return {"allocated": [n for n, p in module.named_parameters() if not p.is_meta]}
+    except AssertionError as e:
+        return {"error": str(e)}
+    finally:
+        torch.cuda.current_device = default
 
 
 def main() -> None:
