@@ -224,7 +224,8 @@ def _load_one(engine, d: Path, step: int, meta: dict) -> dict:
     if not is_distributed(meta):  # a single-process (LocalEngine) checkpoint
         if L.is_main:
             log.info("single-process checkpoint %s: loading it as a consolidated state", d)
-        load_consolidated(engine, from_local(load_torch(d / "engine.pt"), engine.module))
+        # Mapped, not read: every rank takes only its pieces, and the node holds one (page-cache) copy.
+        load_consolidated(engine, from_local(load_torch(d / "engine.pt", mmap=True), engine.module))
         trainer_state = load_torch(d / "trainer.pt")
         if L.dp_rank:  # one process had one stream: the other data-parallel ranks need their own
             trainer_state["rng"] = fresh_rng_state(engine.cfg.train.seed, step, L.dp_rank)
@@ -238,7 +239,7 @@ def _load_one(engine, d: Path, step: int, meta: dict) -> dict:
             restore(engine, reader, step, int(meta["optimizer_step"]))
         finally:
             reader.close()
-    else:  # written before the sharded format: its consolidated.pt, whatever the layout
+    else:  # written before the sharded format: its consolidated.pt (mapped, as above), whatever the layout
         load_consolidated(engine, load_torch(d / "consolidated.pt", mmap=True))
     if old == layout_of(engine):
         return load_torch(d / "trainer" / f"rank_{L.rank:05d}.pt")

@@ -49,7 +49,9 @@ def from_local(engine_state: dict, module: nn.Module) -> dict:
     moments, step = {}, 0
     for i, name in enumerate(order):
         s = opt.get(i, {})
-        moments[name] = {k: s[k].float() if k in s else torch.zeros_like(weights[name]) for k in ("exp_avg", "exp_avg_sq")}
+        # A missing moment is zero: one stored zero seen in the weight's shape, not a whole tensor per rank.
+        moments[name] = {k: s[k].float() if k in s else torch.zeros(()).expand(weights[name].shape)
+                         for k in ("exp_avg", "exp_avg_sq")}
         step = max(step, int(s.get("step", 0)))
     return {"format": CONSOLIDATED, "module": weights, "moments": moments, "optimizer_step": step,
             "teacher": teacher or None, "layout": {"world": 1, "tp": 1}}

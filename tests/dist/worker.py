@@ -10,7 +10,9 @@ Scenarios:
   tp2dp2   4 ranks, TP = 2 x DP = 2: TP logits/gradients against the dense model;
            ar and star runs as above; a checkpoint of the star run at step 10.
   resume1  1 rank: the tp2dp2 checkpoint (other world, other TP) continued to step 20.
-  tp2_perturb  2 ranks, TP = 2: the replica check before and after one rank's norm weight moves.
+  tp2_perturb  2 ranks, TP = 2: the replica check before and after one rank's norm weight moves (by one
+           ulp, then by 1e-3); the TP build of a meta-built module allocates nothing.
+  whole_state_loads  2 ranks, ZeRO-3: private memory added by loading engine.pt and consolidated.pt.
   bf16     2 ranks, ZeRO-3, train.precision=bf16: star losses and the sharded teacher's EMA as in
            dp2; the consolidated state through a fresh engine and back; fp32 star with a chunked
            head cross-entropy.
@@ -188,6 +190,70 @@ def tp_build_allocates(LayerFactory, tensor_parallelize, cfg, tp_rank: int) -> d
         torch.cuda.current_device = default
 
 
+def private_peak(fn) -> int:
+    """Bytes of private (anonymous) memory ``fn()`` adds at its peak, sampled every 2 ms: a file mapped
+    into memory and shared by the node's ranks is not counted, a copy of it is."""
+    import threading
+
+    def anon() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    base, peak, done = anon(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon())
+            done.wait(0.002)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], anon()) - base
+
+
+def whole_state_loads(out_dir: Path) -> dict:
+    """2 ranks, ZeRO-3: a single-process checkpoint (engine.pt) and one of the first distributed format
+    (consolidated.pt) of a model with a 270 MB state, loaded through checkpoint._load_one; the private
+    memory each rank adds, and whether the loaded state equals the saved one."""
+    from star_scale.parallel.consolidated import DISTRIBUTED_V1
+    from star_scale.train.local_engine import LocalEngine
+
+    cfg = common.config("star", "model.vocab_size=131072", world=2)
+    engine = DeepSpeedEngine(common.build(cfg), cfg)
+    batch = common.batches(1, engine.module.views)[0]
+    engine.train_step(*common.rank_slice(batch, engine.dp_rank, engine.dp_size))  # AdamW's state exists
+    rank, d = dist.get_rank(), out_dir / "whole"
+    local, legacy = d / "local", d / "legacy"
+    if rank == 0:
+        one = LocalEngine(common.build(cfg), cfg)  # untrained: its negatives would gather over both ranks
+        local.mkdir(parents=True)
+        torch.save(one.state_dict(), local / "engine.pt")
+        torch.save({"step": 1}, local / "trainer.pt")
+    dist.barrier()
+    out = {"file_bytes": (local / "engine.pt").stat().st_size,
+           "largest_param_bytes": 4 * max(p.ds_numel for p in engine.module.parameters())}
+    out["local_added"] = private_peak(lambda: dist_ckpt._load_one(engine, local, 1, {}))
+    expected = engine.state_dict()  # the single-process state, now consolidated from the shards
+    if rank == 0:
+        (legacy / "trainer").mkdir(parents=True)
+        torch.save(expected, legacy / "consolidated.pt")
+        for r in range(2):
+            torch.save({"step": 1}, legacy / "trainer" / f"rank_{r:05d}.pt")
+    dist.barrier()
+    meta = {"format": DISTRIBUTED_V1, "layout": whole_state.layout_of(engine), "optimizer_step": 1}
+    out["legacy_added"] = private_peak(lambda: dist_ckpt._load_one(engine, legacy, 1, meta))
+    again = engine.state_dict()
+    if rank == 0:
+        out["legacy_equal"] = all(torch.equal(again[k][n], expected[k][n]) for k in ("module", "teacher")
+                                  for n in expected[k]) and all(
+            torch.equal(again["moments"][n][m], v) for n in expected["moments"] for m, v in expected["moments"][n].items())
+    return out
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     results = {}
@@ -212,6 +278,8 @@ def main() -> None:
     elif scenario == "tp2recompute":  # 2 ranks, TP = 2, ZeRO-3: activation checkpointing on vs off
         results["star"] = run("star", 2, 2)
         results["star_recompute"] = run("star", 2, 2, "parallel.activation_checkpointing=true")
+    elif scenario == "whole_state_loads":
+        results = whole_state_loads(out_dir)
     elif scenario == "resume1":
         results["star"] = resume1(out_dir / "ckpt")
     else:
