@@ -2,7 +2,7 @@
 
 TP 1 x DP 2 -> TP 2 x DP 1 with dropout on: the two ranks of the new TP group must
 draw the same dropout masks (the old DP rank 0's stream), so their replicated
-parameters stay bit-equal (train.check_every=1 checks it every step), and the
+parameters stay equal (train.check_every=1 checks it every step, to rounding), and the
 continued run equals the same resume interrupted and resumed again on TP 2.
 """
 import json
