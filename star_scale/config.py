@@ -110,6 +110,7 @@ class ClusterConfig:
     mem: str = "auto"  # --mem per node: auto (star_scale/slurm/resources.py), node (all of it), none, or e.g. 200G
     ckpt_write_gbs: float = 1.0  # write bandwidth per node, GB/s: sizes signal_seconds to the checkpoint
     extra_sbatch: list = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=high"]
+    tp_across_nodes: bool = False  # allow a tensor-parallel group to span nodes (every layer's all-reduce crosses the network)
 
     def ranks_per_node(self) -> int:
         return self.tasks_per_node or self.gpus_per_node

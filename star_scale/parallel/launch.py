@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
@@ -114,12 +115,12 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def cpu_summary(environ: Optional[dict] = None) -> str:
-    """This process's CPUs as the scheduler bound them, for the job log (a starved task shows up here)."""
+    """This process's CPUs as the scheduler bound them and its host, for the job log (a starved task shows up here)."""
     env = os.environ if environ is None else environ
     le = detect(env)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     slurm = f", SLURM_CPUS_PER_TASK={env['SLURM_CPUS_PER_TASK']}" if "SLURM_CPUS_PER_TASK" in env else ""
-    return f"rank {le.rank}: {len(cpus)} cpus {_ranges(cpus)}{slurm}"
+    return f"rank {le.rank}: {len(cpus)} cpus {_ranges(cpus)}{slurm}, host {socket.gethostname()}"
 
 
 def _ranges(ids: list[int]) -> str:

@@ -2,7 +2,8 @@
 
 Everything that can be wrong is checked before sbatch sees the script: the
 recipe loads and validates for the cluster's world size, TP divides the ranks
-per node (a TP group must not span nodes), and the partition exists.
+per node (a TP group spans nodes only with cluster.tp_across_nodes), and the
+partition exists.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def check_cluster(cfg: Config, query_slurm: bool = True) -> None:
     if c.nodes < 1 or c.ranks_per_node() < 1:
         raise ConfigError(f"cluster.nodes={c.nodes}, ranks per node {c.ranks_per_node()}: expected at least one of each "
                           "(set cluster.gpus_per_node, or cluster.tasks_per_node on a CPU cluster)")
-    if c.ranks_per_node() % p.tp:
+    if c.ranks_per_node() % p.tp and not c.tp_across_nodes:
         raise ConfigError(f"parallel.tp={p.tp} does not divide the {c.ranks_per_node()} ranks per node "
-                          f"(cluster.gpus_per_node={c.gpus_per_node}): a tensor-parallel group must sit inside one node")
+                          f"(cluster.gpus_per_node={c.gpus_per_node}): a tensor-parallel group must sit inside one node "
+                          "(or set cluster.tp_across_nodes=true)")
     cfg.validate(c.world_size())
     mem_line(cfg), save_window(cfg)  # their errors name the cluster keys, before sbatch
     if query_slurm:

@@ -11,10 +11,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class LocalSlurm:
-    def __init__(self):
+    def __init__(self, nodes: int = 1):
         self.dir = tempfile.mkdtemp(prefix="slurm.", dir="/tmp")  # short path: munge socket < 108 chars
-        out = subprocess.run([str(ROOT / "cluster/local/start.sh"), self.dir], capture_output=True, text=True)
+        out = subprocess.run([str(ROOT / "cluster/local/start.sh"), "--nodes", str(nodes), self.dir],
+                             capture_output=True, text=True)
         if out.returncode:
+            self.stop()  # a half-built cluster: its daemons and namespaces go too
             raise RuntimeError(f"local Slurm did not start: {out.stderr}")
         venv_bin = Path(sys.executable).parent
         # Jobs inherit this environment (sbatch --export=ALL): the venv first on PATH and its
@@ -25,7 +27,9 @@ class LocalSlurm:
                     "DEEPSPEED_TIMEOUT": "2", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning"}
 
     def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, **kw)
+        """A client command where the controller is reachable (cluster/local/client.sh)."""
+        out = subprocess.run([str(ROOT / "cluster/local/client.sh"), self.dir, *map(str, cmd)],
+                             capture_output=True, text=True, env=self.env, **kw)
         if check and out.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({out.returncode}): {out.stdout}\n{out.stderr}")
         return out

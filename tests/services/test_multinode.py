@@ -1,0 +1,167 @@
+"""Two Slurm nodes on this machine (cluster/local/start.sh --nodes 2): each a network namespace
+with its own hostname and address. Training across them equals one process; requeue and node
+loss resume bit for bit; arrays spread over both nodes."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from star_scale.config import load_config
+from star_scale.data.loader import TokenLoader
+from star_scale.data.store import save_npz_store
+from tests.conftest import TINY
+from tests.services.slurm import ROOT, LocalSlurm, have_slurm
+
+RECIPE = "recipes/tiny-star.yaml"
+# Dropout off: its draws follow each rank's RNG, so 2 ranks and 1 process would differ by construction.
+NO_RANDOMNESS = ["model.class_dropout=0", "model.token_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0"]
+STEPS = 20
+# The 1-process tolerances of tests/dist: ZeRO-3 data parallel (ST-AR), TP (ST-AR, Adam-amplified summation order).
+RTOL_ZERO3, RTOL_TP = 1e-5, 1e-3
+
+
+def why_not_netns() -> str:
+    if os.geteuid() != 0:
+        return "network namespaces for the 2-node cluster need root"
+    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode:
+        return "no `ip netns` (iproute2) on this machine"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    if why_not_netns():
+        pytest.skip(why_not_netns())
+    if not have_slurm():
+        pytest.fail("slurm-wlm and munge are not installed (`make test` installs them when run as root)")
+    cluster = LocalSlurm(nodes=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("tokens") / "tokens.npz"
+    save_npz_store(path, rng.integers(0, 64, (128, 10, 16)).astype(np.uint16), rng.integers(0, 4, 128).astype(np.int32),
+                   codebook_size=64, num_classes=4, chunk_size=16)
+    return path
+
+
+def overrides(store, out_dir, *extra):
+    return [*TINY, *NO_RANDOMNESS, f"data.path={store}", "data.global_batch=16", f"train.steps={STEPS}",
+            "train.log_every=1", "train.ckpt_every=5", f"train.out_dir={out_dir}", "optimizer.lr_batch=null",
+            "tracking.enabled=false", "cluster.gpus_per_node=0", "cluster.tasks_per_node=1",
+            "cluster.cpus_per_task=1", "cluster.time=00:10:00", *extra]
+
+
+def submit(cluster, store, out_dir, *extra) -> str:
+    out = cluster.run(sys.executable, "-m", "star_scale.cli", "submit", RECIPE, *overrides(store, out_dir, *extra),
+                      "--nodes", "2")
+    return out.stdout.split()[2].rstrip(":")  # "submitted job 12: path"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finish(cluster, job, run_dir) -> str:
+    state = cluster.wait(job, timeout=300)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-5000:]
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))  # no line lost or repeated
+    return log
+
+
+def wait_steps(run_dir, n, timeout=300):
+    deadline = time.monotonic() + timeout
+    while len(metrics(run_dir)) < n:
+        assert time.monotonic() < deadline, f"{run_dir}: training did not reach step {n}"
+        time.sleep(0.1)
+
+
+def one_process_losses(store, dp: int) -> list[float]:
+    """One process (LocalEngine, as `star-scale train` runs alone) on the global batches of a dp-rank job:
+    rank r's loader slice, concatenated in rank order."""
+    from star_scale.models.build import build_model
+    from star_scale.objectives.module import build_training_module
+    from star_scale.train.local_engine import LocalEngine
+    from star_scale.train.inputs import open_token_store
+    from star_scale.train.loop import seed_everything
+
+    cfg = load_config(RECIPE, overrides(store, "unused"))
+    data = open_token_store(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed_everything(cfg.train.seed)
+        module = build_training_module(cfg, build_model(cfg, meta=True))
+        engine = LocalEngine(module, cfg)
+        loaders = [iter(TokenLoader(data, cfg.data.global_batch // dp, views=module.views, rank=r, world_size=dp,
+                                    seed=cfg.data.seed, buffer_chunks=cfg.data.shuffle_buffer_chunks, prefetch=0))
+                   for r in range(dp)]
+        losses = []
+        for _ in range(STEPS):
+            parts = [next(loader) for loader in loaders]
+            losses.append(engine.train_step(torch.cat([b.tokens for b in parts]), torch.cat([b.labels for b in parts]))["loss"])
+        return losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ranks_on_hosts(log: str) -> dict:
+    return {int(r): host for r, host in re.findall(r"rank (\d+): \d+ cpus [\d,-]+.*?, host (\S+)", log)}
+
+
+def job_nodes(cluster, job: str) -> list[str]:
+    """NodeList of every job (array task) of this id that ran."""
+    out = cluster.run("scontrol", "show", "job", job, "-o").stdout
+    return [dict(f.split("=", 1) for f in line.split() if "=" in f)["NodeList"] for line in out.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(two_nodes, store, tmp_path_factory):
+    """The uninterrupted 2-node ZeRO-3 run the requeue and node-loss runs must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("zero3") / "run"
+    job = submit(two_nodes, store, run_dir)
+    return finish(two_nodes, job, run_dir), run_dir
+
+
+def test_zero3_one_task_per_node_equals_one_process(zero3_run, store):
+    log, run_dir = zero3_run
+    assert "DeepSpeed ZeRO-3" in log and "world 2 = tp 1 x dp 2" in log and "on node[1-2]" in log
+    assert ranks_on_hosts(log) == {0: "node1", 1: "node2"}
+    losses = [m["loss"] for m in metrics(run_dir)]
+    np.testing.assert_allclose(losses, one_process_losses(store, dp=2), rtol=RTOL_ZERO3, atol=0)
+
+
+def test_tensor_parallel_group_across_the_two_nodes_equals_one_process(two_nodes, store, tmp_path):
+    run_dir = tmp_path / "tp"
+    refused = two_nodes.run(sys.executable, "-m", "star_scale.cli", "submit", RECIPE,
+                            *overrides(store, run_dir, "parallel.tp=2"), "--nodes", "2", check=False)
+    assert refused.returncode == 2 and "a tensor-parallel group must sit inside one node" in refused.stderr
+    job = submit(two_nodes, store, run_dir, "parallel.tp=2", "cluster.tp_across_nodes=true")
+    log = finish(two_nodes, job, run_dir)
+    assert "world 2 = tp 2 x dp 1" in log and ranks_on_hosts(log) == {0: "node1", 1: "node2"}
+    losses = [m["loss"] for m in metrics(run_dir)]
+    np.testing.assert_allclose(losses, one_process_losses(store, dp=1), rtol=RTOL_TP, atol=0)
+
+
+def test_scontrol_requeue_of_a_2_node_job_resumes_bit_for_bit(two_nodes, zero3_run, store, tmp_path):
+    run_dir = tmp_path / "requeued"
+    job = submit(two_nodes, store, run_dir)
+    wait_steps(run_dir, 7)
+    two_nodes.run("scontrol", "requeue", job)
+    two_nodes.start_requeued_now(job)
+    log = finish(two_nodes, job, run_dir)
+    assert "restart 1" in log and "received SIGTERM" in log and "resumed from" in log
+    assert metrics(run_dir) and [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(zero3_run[1])]
