@@ -7,8 +7,11 @@
 - Key-masked (the MIM student: causal AND visible key AND diagonal): a dense
   bool mask for SDPA (its memory-efficient or math kernel; flash takes no
   mask) or FlexAttention with a block mask.  Which one is picked per (device,
-  head size, dtype) by timing forward + backward once (``pick_masked``),
-  logged; CPU uses SDPA (FlexAttention has no CPU backward in torch 2.13).
+  head size, dtype) by timing forward + backward once at the training shape
+  (``choose_masked``; the engine passes the shape in and, distributed, takes
+  rank 0's choice on every rank), logged; CPU uses SDPA (FlexAttention has no
+  CPU backward in torch 2.13).  Outside an engine (bench, direct use) the
+  first masked forward times a stand-in shape (``pick_masked``).
   ``STAR_SCALE_MASKED_ATTENTION=sdpa|sdpa-efficient|sdpa-math|flex`` forces one.
 - Incremental decoding: one new query sees every cached key, so no mask at all.
 - Head sizes SDPA's fused kernels reject (not a multiple of 8, e.g. the 3B
@@ -208,27 +211,76 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pick_masked(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
-    """The masked backend for (device, head size, dtype): forced, SDPA on CPU, else the fastest measured."""
+@dataclass(frozen=True)
+class MaskedShape:
+    """The key-masked attention of one training micro-batch: (sequences, local heads, length, head size)."""
+
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int
+
+
+STAND_IN = (8, 4, 257)  # (batch, heads, length) timed when no engine passed the training shape
+
+
+def _forced() -> Optional[str]:
     forced = os.environ.get("STAR_SCALE_MASKED_ATTENTION", "auto")
-    if forced != "auto":
-        if forced not in MASKED_BACKENDS + ("sdpa",):
-            raise ValueError(f"STAR_SCALE_MASKED_ATTENTION={forced!r}: expected auto, sdpa or one of {MASKED_BACKENDS}")
+    if forced == "auto":
+        return None
+    if forced not in MASKED_BACKENDS + ("sdpa",):
+        raise ValueError(f"STAR_SCALE_MASKED_ATTENTION={forced!r}: expected auto, sdpa or one of {MASKED_BACKENDS}")
+    return forced
+
+
+def _key(device: torch.device, head_dim: int, dtype) -> tuple:
+    index = device.index
+    if device.type == "cuda" and index is None:  # "cuda" and "cuda:N" of the current device are one pick
+        index = torch.cuda.current_device()
+    return device.type, index, head_dim, dtype
+
+
+def pick_masked(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+    """The masked backend for (device, head size, dtype): forced, else the one the engine chose (``use_masked``),
+    else chosen now at a stand-in shape."""
+    forced = _forced()
+    if forced:
         return forced
-    key = (device.type, device.index, head_dim, dtype)
+    key = _key(device, head_dim, dtype)
     if key not in _PICKS:
-        _PICKS[key] = _measure_pick(device, head_dim, dtype) if device.type == "cuda" else "sdpa"
-        log.info("attention backend (MIM key-masked, head size %d, %s, %s): %s", head_dim,
-                 str(dtype).replace("torch.", ""), device.type, _PICKS[key])
+        use_masked(device, head_dim, dtype, choose_masked(device, MaskedShape(*STAND_IN, head_dim), dtype))
     return _PICKS[key]
 
 
-def _measure_pick(device, head_dim: int, dtype) -> str:
-    times = {}  # private generator inside: the training RNG does not move
+def use_masked(device: torch.device, head_dim: int, dtype: torch.dtype, backend: str) -> None:
+    """Every later masked forward on (device, head size, dtype) runs ``backend``."""
+    _PICKS[_key(device, head_dim, dtype)] = backend
+    log.info("attention backend (MIM key-masked, head size %d, %s, %s): %s", head_dim,
+             str(dtype).replace("torch.", ""), device.type, backend)
+
+
+def choose_masked(device: torch.device, shape: MaskedShape, dtype: torch.dtype, timer=None) -> str:
+    """Forced, SDPA on CPU, else the fastest backend measured at ``shape`` (see ``measure_masked``)."""
+    forced = _forced()
+    if forced:
+        return forced
+    return measure_masked(device, shape, dtype, timer) if device.type == "cuda" else "sdpa"
+
+
+def _time_shape(backend: str, shape: MaskedShape, dtype, device) -> float:
+    return time_masked(backend, shape.batch, shape.heads, shape.seq, shape.head_dim, dtype, device, reps=3)[0]
+
+
+def measure_masked(device: torch.device, shape: MaskedShape, dtype, timer=None) -> str:
+    """The fastest of MASKED_BACKENDS at ``shape``; ``timer(backend, shape, dtype, device) -> seconds``
+    (default: forward + backward, private generator inside: the training RNG does not move)."""
+    timer = timer or _time_shape
+    times = {}
     for backend in MASKED_BACKENDS:
         try:
-            times[backend] = time_masked(backend, 8, 4, 257, head_dim, dtype, device, reps=3)[0]
+            times[backend] = timer(backend, shape, dtype, device)
         except Exception as e:  # a kernel that rejects this shape or dtype is simply not a candidate
-            log.info("masked attention %s unavailable for head size %d: %s", backend, head_dim, e)
-    log.info("masked attention timings (ms): %s", {k: round(1e3 * v, 3) for k, v in times.items()})
+            log.info("masked attention %s unavailable for head size %d: %s", backend, shape.head_dim, e)
+    log.info("masked attention timings at %s (ms): %s", (shape.batch, shape.heads, shape.seq, shape.head_dim),
+             {k: round(1e3 * v, 3) for k, v in times.items()})
     return min(times, key=times.get) if times else "sdpa-math"

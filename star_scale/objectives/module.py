@@ -5,10 +5,13 @@ Engines (single process here, DeepSpeed/Megatron in parallel/) only call
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from star_scale.config import Config, ObjectiveConfig
+from star_scale.models.attention import MaskedShape
 from star_scale.models.gpt import GPT
 from star_scale.objectives.contrastive import Projector, contrastive_losses, gather_at, negative_bank
 from star_scale.objectives.draws import MASK, POSITIONS
@@ -240,6 +243,18 @@ class STARModule(nn.Module):
         """Copy the student's current weights into the teacher (call after loading pretrained student weights)."""
         if self.teacher is not None:
             self.teacher.copy_from(self.student)
+
+
+def masked_attention_shape(module: nn.Module, micro_batch: int, tp: int = 1) -> Optional[MaskedShape]:
+    """The student's key-masked attention in one micro-batch of ``micro_batch`` images (None: nothing runs masked).
+
+    ST-AR's MIM student runs every view of the micro-batch's images at once over class + T-1 tokens, with
+    the heads of one tensor-parallel rank.
+    """
+    if not getattr(module, "mim", False):
+        return None
+    a = module.student.args
+    return MaskedShape(micro_batch * module.views, a.heads // tp, a.seq_len - 1, a.head_dim)
 
 
 def build_training_module(cfg: Config, student: GPT) -> nn.Module:

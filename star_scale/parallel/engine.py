@@ -35,6 +35,7 @@ from star_scale.config import Config
 from star_scale.objectives.draws import begin_step, end_step, set_step_draws
 from star_scale.parallel import checkpoint as dist_ckpt
 from star_scale.parallel import whole_state
+from star_scale.parallel.attention_choice import agree_masked_attention
 from star_scale.parallel.devices import deepspeed_args
 from star_scale.parallel.ds_config import batch_sizes, student_config, teacher_config
 from star_scale.parallel.layout import init_layout
@@ -69,6 +70,7 @@ class DeepSpeedEngine:
             module.negatives_group = L.dp_group
 
         self.micro_batch, self.accumulation = batch_sizes(cfg, L.dp)
+        agree_masked_attention(module, self.micro_batch, L.tp, self.device, self.dtype)
         self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
         zero3 = cfg.parallel.zero_stage == 3
         self.teacher = None

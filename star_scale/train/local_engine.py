@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 
 from star_scale.config import Config
+from star_scale.models import attention
 from star_scale.models.build import materialize
 from star_scale.objectives.draws import begin_step, end_step, set_step_draws
+from star_scale.objectives.module import masked_attention_shape
 from star_scale.train.metrics import accumulate, read_metrics
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ class LocalEngine:
         configure_models(module, cfg)
         self.optimizer = make_optimizer(module, cfg, self.device)
         self.micro_batch = cfg.data.micro_batch or cfg.data.global_batch
+        shape = masked_attention_shape(module, self.micro_batch)
+        if shape is not None:  # timed at the shape training runs, not at a stand-in
+            attention.use_masked(self.device, shape.head_dim, self.dtype,
+                                 attention.choose_masked(self.device, shape, self.dtype))
         self.dp_rank, self.dp_size, self.tp_size, self.is_main = 0, 1, 1, True
         self.step = 0  # optimizer steps taken: seeds ST-AR's per-step draws
 

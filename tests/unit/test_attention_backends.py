@@ -128,11 +128,45 @@ def test_incremental_decoding_needs_no_mask():
 def test_the_pick_times_every_candidate_and_drops_the_ones_that_fail(caplog):
     # On CPU SDPA's memory-efficient kernel does not exist: it must drop out, not crash the pick.
     with caplog.at_level(logging.INFO, logger="star_scale.models.attention"):
-        pick = attention._measure_pick(torch.device("cpu"), 16, torch.float32)
+        pick = attention.measure_masked(torch.device("cpu"), attention.MaskedShape(2, 2, 33, 16), torch.float32)
     assert pick in ("sdpa-math", "flex")
     text = caplog.text
     assert "masked attention sdpa-efficient unavailable for head size 16" in text
-    assert "masked attention timings (ms)" in text and "'sdpa-math'" in text and "'flex'" in text
+    assert "masked attention timings at (2, 2, 33, 16) (ms)" in text and "'sdpa-math'" in text and "'flex'" in text
+
+
+def test_the_engine_times_the_shape_training_runs(tiny_cfg, monkeypatch):
+    """LocalEngine passes the MIM student's real micro-batch shape to the timing (not a stand-in), and the
+    timed call receives it; the shape is the one the student's masked forward then runs."""
+    from star_scale.models.build import build_model
+    from star_scale.objectives.module import build_training_module, masked_attention_shape
+    from star_scale.train.local_engine import LocalEngine
+
+    monkeypatch.delenv("STAR_SCALE_MASKED_ATTENTION", raising=False)
+    cfg = tiny_cfg("objective.name=star", "data.global_batch=6", "data.micro_batch=3")
+    module = build_training_module(cfg, build_model(cfg))
+    chosen = []
+    real_choose = attention.choose_masked
+    monkeypatch.setattr(attention, "choose_masked", lambda device, shape, dtype, timer=None:
+                        chosen.append(shape) or real_choose(device, shape, dtype, timer))
+    engine = LocalEngine(module, cfg)
+    a = module.student.args
+    assert chosen == [attention.MaskedShape(3 * 2, a.heads, a.grid_size ** 2, a.head_dim)]  # 3 images x 2 views
+
+    seen = []  # what one micro-batch's masked attention actually gets
+    real_attend = attention.KeyMask.attend
+    monkeypatch.setattr(attention.KeyMask, "attend", lambda self, q, k, v: seen.append(tuple(q.shape))
+                        or real_attend(self, q, k, v))
+    tokens, labels = torch.randint(0, 64, (6, 2, a.grid_size ** 2)), torch.randint(0, 4, (6,))
+    engine.train_step(tokens, labels)
+    assert set(seen) == {tuple(vars(chosen[0]).values())}
+    assert masked_attention_shape(build_training_module(tiny_cfg(), build_model(tiny_cfg())), 3) is None  # AR
+
+    timed = []  # on CUDA the candidates are timed at that shape (the timer never touches a device here)
+    speed = {"sdpa-efficient": 2.0, "sdpa-math": 3.0, "flex": 1.0}
+    pick = attention.choose_masked(torch.device("cuda", 0), chosen[0], torch.bfloat16,
+                                   timer=lambda backend, shape, dtype, device: timed.append(shape) or speed[backend])
+    assert pick == "flex" and timed == [chosen[0]] * len(attention.MASKED_BACKENDS)
 
 
 def test_timing_inside_autocast_keeps_an_fp32_reference():
