@@ -135,7 +135,7 @@ class TrainConfig:
     lock: bool = True  # one writer per run folder (flock); false on file systems without working locks
     restart: bool = False  # start over in a folder with history but no usable checkpoint (old files moved aside)
     compile: bool = False  # torch.compile each transformer block
-    stop_check_every: int = 10  # distributed runs agree on a Slurm stop signal every N steps (one sync each)
+    stop_check_every: int = 10  # distributed runs agree every N steps on a stop signal and a written async save
     async_save: bool = False  # distributed runs: write checkpoint shards from a thread while training goes on
 
 

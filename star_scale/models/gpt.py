@@ -207,13 +207,15 @@ class GPTOutput:
 def initial_value(seed: int, name: str, shape: Sequence[int], std: float) -> torch.Tensor:
     """Parameter ``name``'s initial value (fp32, CPU), from a generator of its own seeded by (seed, name):
     any one weight can be made alone, in any order, on any rank, and equals the others' copy of it."""
+    # device="cpu" throughout: under `with torch.device(cuda)` a bare factory call lands on CUDA, where a
+    # CPU generator is refused.
     if name == "output.weight":
-        return torch.zeros(shape)  # zero-init head: uniform first predictions
+        return torch.zeros(shape, device="cpu")  # zero-init head: uniform first predictions
     if len(shape) == 1:
-        return torch.ones(shape)  # RMSNorm gains
+        return torch.ones(shape, device="cpu")  # RMSNorm gains
     key = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-    return torch.empty(shape).normal_(std=std, generator=generator)
+    return torch.empty(shape, device="cpu").normal_(std=std, generator=generator)
 
 
 class GPT(nn.Module):
@@ -266,7 +268,8 @@ class GPT(nn.Module):
         runs once a unit is filled, before the next is allocated: a sharding engine partitions it there,
         so the whole model never exists at once.  Python attributes of the parameters are kept."""
         value = value or (lambda name, p: self.initial_value(name, p.shape))
-        self.rope = rope_table_2d(self.args.grid_size, self.args.head_dim, self.args.rope_base).to(device)
+        with torch.device("cpu"):  # computed on the CPU as before, whatever the ambient device
+            self.rope = rope_table_2d(self.args.grid_size, self.args.head_dim, self.args.rope_base).to(device)
         for prefix, unit in self.units():
             for module in unit.modules():
                 for key, p in list(module._parameters.items()):
