@@ -6,8 +6,12 @@ rank LOCAL_RANK takes device LOCAL_RANK.  Slurm with ``--gpus-per-task=1`` or
 ``set_device(LOCAL_RANK)`` (DeepSpeed's default) then fails with an invalid
 device ordinal on every rank but the first.  The rule: fewer visible devices
 than ranks on this node means per-task binding, so take the task's first
-device.  The engine, DeepSpeed (``device_rank``), sampling and the RNG state
-all use the index chosen here.
+device.  With more than one device per task (``--gpus-per-task=2``,
+``--gpu-bind=closest``: a socket's GPUs shared by that socket's tasks) the
+rank takes ``local_rank % devices``, so the tasks sharing a set spread over
+it (this assumes Slurm's block placement of tasks on sockets).  The engine,
+DeepSpeed (``device_rank``, and LOCAL_RANK, which it reads by itself),
+sampling and the RNG state all use the index chosen here.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def cuda_device_index(local_rank: int, device_count: int, local_world: Optional[
         raise RuntimeError(f"local rank {local_rank} asked for a CUDA device, but none is visible "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
     if local_world is not None and device_count < local_world:
-        return 0  # per-task binding: this task's own GPUs only
+        return local_rank % device_count  # per-task binding: a device of the task's own set
     if local_rank < device_count:
         return local_rank
     raise RuntimeError(f"local rank {local_rank} but only {device_count} CUDA devices visible and "
@@ -46,6 +50,17 @@ def rank_device_index(local_rank: int, environ: Optional[dict] = None) -> int:
     import torch
 
     return cuda_device_index(local_rank, torch.cuda.device_count(), local_world_size(environ))
+
+
+def export_device_rank(local_rank: int, device_count: int, environ: Optional[dict] = None) -> int:
+    """This rank's device index, also exported as LOCAL_RANK: DeepSpeed reads LOCAL_RANK itself
+    (init_process_group's ``device_id``, zero.Init's device), so under per-task binding the node-local
+    rank would name a device the task cannot see.  The index is a fixed point of the rule, so a later
+    ``detect()`` maps it to the same device."""
+    env = os.environ if environ is None else environ
+    index = cuda_device_index(local_rank, device_count, local_world_size(env))
+    env["LOCAL_RANK"] = str(index)
+    return index
 
 
 def deepspeed_args(device) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from star_scale.parallel.devices import rank_device_index
+from star_scale.parallel.devices import export_device_rank
 from star_scale.parallel.launch import detect, export_torch_env
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def init_layout(tp: int = 1, device: str = "auto", seed: int = 0) -> Layout:
     export_torch_env(env)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(rank_device_index(env.local_rank))  # per-task GPU binding aware
+        torch.cuda.set_device(export_device_rank(env.local_rank, torch.cuda.device_count()))  # before DeepSpeed reads it
     _default_extensions_dir()
     import deepspeed
     from megatron.core import parallel_state

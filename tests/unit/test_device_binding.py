@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_scale.parallel.devices import cuda_device_index, deepspeed_args, local_world_size
+from star_scale.parallel.devices import cuda_device_index, deepspeed_args, export_device_rank, local_world_size
 from star_scale.parallel.launch import detect
 
 
@@ -25,10 +25,31 @@ def test_srun_gpus_per_task_1_every_rank_uses_device_0():
         assert _index(env, 1) == 0
 
 
-def test_gpu_bind_two_gpus_per_task_takes_the_tasks_first():
-    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "4",
-           "MASTER_ADDR": "gpu01"}
-    assert _index(env, 2) == 0
+def _srun_env(local: int, tasks_per_node: int = 8) -> dict:
+    return {"SLURM_PROCID": str(local), "SLURM_STEP_NUM_TASKS": str(tasks_per_node), "SLURM_LOCALID": str(local),
+            "SLURM_STEP_TASKS_PER_NODE": str(tasks_per_node), "MASTER_ADDR": "gpu01"}
+
+
+def test_partial_binding_spreads_the_tasks_over_their_shared_devices():
+    # --gpu-bind=closest, 8 tasks on 2 sockets: tasks 0-3 see socket 0's four GPUs, tasks 4-7 socket 1's,
+    # each set as devices 0-3. Device 0 for all would put four ranks on one GPU.
+    assert [_index(_srun_env(local), 4) for local in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    # --gpus-per-task=2, 4 tasks: each task's own pair; either device is the task's own.
+    assert [_index(_srun_env(local, 4), 2) for local in range(4)] == [0, 1, 0, 1]
+
+
+def test_local_rank_is_exported_as_the_device_index_deepspeed_will_use():
+    # DeepSpeed's init_process_group(device_id=...) and zero.Init read LOCAL_RANK, not our choice.
+    for count, expected in ((1, [0] * 8), (4, [0, 1, 2, 3] * 2), (8, list(range(8)))):
+        exported = []
+        for local in range(8):
+            env = _srun_env(local)
+            le = detect(env)  # what export_torch_env writes before init_layout binds the device:
+            env.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=str(le.local_rank))
+            index = export_device_rank(detect(env).local_rank, count, env)
+            exported.append(int(env["LOCAL_RANK"]))
+            assert index == int(env["LOCAL_RANK"]) == _index(env, count)  # a later detect() names the same device
+        assert exported == expected, count
 
 
 def test_srun_without_binding_uses_local_id():
