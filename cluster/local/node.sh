@@ -35,9 +35,10 @@ start)
   ;;
 lose)
   ip -n "$hub" link set "node$i" down
-  pids=$(ip netns pids "$ns")
-  [ -n "$pids" ] && kill -9 $pids
-  echo $pids
+  pids=$(ip netns pids "$ns" | tr '\n' ',')
+  [ -z "$pids" ] && exit 0
+  ps -o pid=,args= -p "${pids%,}"  # what died, for the caller's log
+  kill -9 ${pids//,/ }
   ;;
 *) echo "node.sh: unknown action '$action': expected start or lose" >&2; exit 2 ;;
 esac

@@ -34,6 +34,14 @@ class LocalSlurm:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({out.returncode}): {out.stdout}\n{out.stderr}")
         return out
 
+    def node(self, index: int, action: str) -> str:
+        """cluster/local/node.sh: `lose` node `index` (its link cut, its processes killed) or `start` it again."""
+        out = subprocess.run([str(ROOT / "cluster/local/node.sh"), self.dir, str(index), action],
+                             capture_output=True, text=True, env=self.env)
+        if out.returncode:
+            raise RuntimeError(f"node.sh {index} {action} failed: {out.stderr}")
+        return out.stdout
+
     def job_state(self, job: str) -> str:
         out = self.run("scontrol", "show", "job", job, "-o", check=False).stdout
         for field in out.split():

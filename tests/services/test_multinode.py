@@ -165,3 +165,61 @@ def test_scontrol_requeue_of_a_2_node_job_resumes_bit_for_bit(two_nodes, zero3_r
     log = finish(two_nodes, job, run_dir)
     assert "restart 1" in log and "received SIGTERM" in log and "resumed from" in log
     assert metrics(run_dir) and [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(zero3_run[1])]
+
+
+def test_node_loss_requeues_and_resumes_bit_for_bit(two_nodes, zero3_run, store, tmp_path):
+    run_dir = tmp_path / "node-lost"
+    job = submit(two_nodes, store, run_dir)
+    wait_steps(run_dir, 7)
+    slurmd = int((Path(two_nodes.dir) / "slurmd-node2.pid").read_text())
+    killed = two_nodes.node(2, "lose")  # node2's link cut, then its slurmd, step daemon and task killed by PID
+    assert re.search(rf"^\s*{slurmd} .*slurmd", killed, re.M) and "star_scale.cli train" in killed, killed
+    deadline = time.monotonic() + 60
+    while not two_nodes.run("sinfo", "-h", "-n", "node2", "-o", "%T").stdout.startswith("down"):
+        assert time.monotonic() < deadline, "node2 was not marked down"
+        time.sleep(0.5)
+    two_nodes.start_requeued_now(job)  # Slurm requeued the job; released from its ~2 min hold
+    assert two_nodes.job_state(job) == "PENDING"  # it needs both nodes: it waits for node2
+    two_nodes.node(2, "start")  # the node comes back (ReturnToService=2)
+    log = finish(two_nodes, job, run_dir)
+    assert "restart 1" in log and "resumed from" in log
+    assert [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(zero3_run[1])]
+
+
+def test_tokenize_array_spreads_over_both_nodes_and_equals_one_process(two_nodes, tmp_path):
+    from star_scale.data.store import open_store
+    from star_scale.demo.data import make_demo_images
+
+    job_args = ["--tokenizer", "patch-kmeans:64", "--image-size", "16", "--shard-size", "16", "--fit-images", "64"]
+    images = make_demo_images(tmp_path / "images", classes=4, per_class=24, size=18)
+    single = tmp_path / "single.zarr"
+    subprocess.run([sys.executable, "-m", "tokenize_data", str(images), str(single), *job_args, "--no-progress"],
+                   check=True, cwd=ROOT)
+    arrayed = tmp_path / "array.zarr"
+    words = two_nodes.run(sys.executable, "-m", "star_scale.cli", "submit-tokenize", images, arrayed, "--tasks", "4",
+                          "--cpus-per-task", "1", "--time", "00:10:00", *job_args).stdout.split()
+    array_job, verify_job = words[words.index("array") + 1], words[words.index("verify") + 2].rstrip(":")
+    assert two_nodes.wait(verify_job, timeout=300) == "COMPLETED", [
+        p.read_text() for p in (tmp_path / "array.zarr.slurm").glob("*.out")]
+    assert set(job_nodes(two_nodes, array_job)) == {"node1", "node2"}
+    a, b = open_store(single), open_store(arrayed)
+    assert len(a) == len(b) == 96
+    for x, y in zip(a.read(0, len(a)), b.read(0, len(b))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sweep_array_spreads_over_both_nodes(two_nodes, store, tmp_path):
+    out = tmp_path / "sweep"
+    submitted = two_nodes.run(sys.executable, "-m", "star_scale.sweep", "submit", "recipes/sweeps/tiny.yaml", *TINY,
+                              f"data.path={store}", "data.global_batch=16", "cluster.gpus_per_node=0",
+                              "cluster.tasks_per_node=1", "cluster.cpus_per_task=1", "cluster.time=00:10:00",
+                              "--set", "grid.sizes.w64=null", "--set", "grid.tokens=[5120]", "--out", out).stdout
+    job = submitted.split("submitted array job ")[1].split(":")[0]
+    deadline = time.monotonic() + 300
+    while two_nodes.run("squeue", "-h", "-j", job, check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"sweep array {job} still running"
+        time.sleep(1)
+    states = [dict(f.split("=", 1) for f in line.split() if "=" in f)["JobState"]
+              for line in two_nodes.run("scontrol", "show", "job", job, "-o").stdout.splitlines()]
+    assert states == ["COMPLETED", "COMPLETED"], [p.read_text()[-3000:] for p in (out / "logs").glob("*.out")]
+    assert sorted(job_nodes(two_nodes, job)) == ["node1", "node2"]
