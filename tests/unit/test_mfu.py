@@ -29,13 +29,23 @@ def test_mfu_under_tp2_is_half_of_the_same_tokens_per_second_at_tp1(monkeypatch)
     assert tp2["mfu"] == pytest.approx(tp1["mfu"] / 2)
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA H800", 989e12), ("NVIDIA B200", 2.25e15), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA A10G", 70e12),
+@pytest.mark.parametrize("name,peak", [  # names as torch.cuda.get_device_name reports them
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA H800", 989e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA H20", 148e12), ("NVIDIA B200", 2.25e15),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA A10G", 70e12), ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA RTX 6000 Ada Generation", 364e12), ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA RTX A6000", 155e12), ("Tesla V100-SXM2-32GB", 125e12), ("Tesla V100-PCIE-16GB", 112e12),
+    ("AMD Instinct MI300X", 1307e12), ("AMD Instinct MI250X/MI250", 191.5e12),
 ])
 def test_peak_table(name, peak):
     assert peak_flops(name) == peak
+
+
+def test_a_listed_model_in_an_unlisted_form_or_a_near_name_is_unknown():
+    for name in ("NVIDIA H20 NVL", "Tesla V100S-PCIE-32GB", "NVIDIA H100X", "NVIDIA A40"):
+        assert peak_flops(name) is None, name
 
 
 def test_unknown_devices_report_mfu_as_unknown(monkeypatch):
