@@ -13,7 +13,9 @@ Each rank writes and hashes only its own files; nothing is gathered on the save 
 bytes per rank fall as 1 / world (``parallel/shard_files.py`` has the format, ``parallel/pieces.py``
 what each rank holds).  With ``train.async_save`` the pieces are copied to host memory and a
 thread writes them while training goes on; the checkpoint is committed at a later step once every
-rank's thread is done (or at the next save, a stop signal, or the end of training).
+rank's thread is done (or at the next save, a stop signal, or the end of training).  Whether every
+rank is done is agreed every ``train.stop_check_every`` steps by an all-reduce read one agreement
+later (``train.agreement``), so a pending save costs no per-step collective or device wait.
 
 Atomicity: files go to ``.tmp-step_XXXXXXXX``; rank 0 writes meta.json and renames the folder only
 after every rank reported its files written, fsynced and hashed, so a crash at any point leaves
@@ -44,6 +46,7 @@ from star_scale.parallel.pieces import collect, restore
 from star_scale.parallel.shard_files import ShardReader, ShardWriter
 from star_scale.parallel.whole_state import layout_of, load_consolidated, student_args
 from star_scale.parallel.zero_state import optimizer_step
+from star_scale.train.agreement import Agreement
 from star_scale.train.checkpoint import CheckpointDir, digest, file_problem, listed_file
 from star_scale.train.errors import CheckpointWriteError, checkpoint_write_error
 from star_scale.train.rng import fresh_rng_state
@@ -77,6 +80,8 @@ class _Save:
         self.result: dict = {}
         self.adam_step = 0
         self.thread: Optional[threading.Thread] = None
+        self.polls = 0  # poll() calls while pending: the same count on every rank
+        self.agreement: Optional[Agreement] = None  # "some rank is still writing", launched at the last agreement
 
     def run(self) -> None:
         try:
@@ -160,12 +165,22 @@ def save(engine, ckpts: CheckpointDir, step: int, trainer_state: dict, asynchron
 
 
 def poll(engine) -> Optional[Path]:
-    """Commit a pending asynchronous save if every rank has written its files (collective, while one is pending)."""
+    """Commit a pending asynchronous save once every rank has written its files (collective, called every step).
+
+    Every ``train.stop_check_every`` polls: commit if the agreement launched at the previous such poll
+    says no rank was still writing, else launch the next one; the polls in between do nothing.
+    """
     job = getattr(engine, "pending_save", None)
-    if job is None or not all(_all_gather(job.done())):
+    if job is None:
         return None
-    engine.pending_save = None
-    return _commit(engine, job)
+    job.polls += 1
+    if job.polls % engine.cfg.train.stop_check_every:
+        return None
+    if job.agreement is not None and job.agreement.read() == 0:
+        engine.pending_save = None
+        return _commit(engine, job)
+    job.agreement = Agreement(int(not job.done()), engine.device)
+    return None
 
 
 def wait(engine) -> Optional[Path]:

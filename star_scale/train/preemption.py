@@ -6,8 +6,9 @@
   requeues instead, after the save or when the save runs out of time.
 - SIGTERM (``scontrol requeue``, preemption, ``scancel``): save and exit; Slurm
   requeues or ends the job itself.
-All ranks must stop at the same step, so the flag is agreed on collectively
-(every ``train.stop_check_every`` steps: the agreement costs a device sync).
+All ranks must stop at the same step, so the flag is agreed on collectively every
+``train.stop_check_every`` steps without a device sync: the all-reduce launched at one check is
+read at the next (``agreement.Agreement``), so a signal stops every rank within two intervals.
 """
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ import time
 import torch
 import torch.distributed as dist
 
+from star_scale.train.agreement import Agreement
+
 log = logging.getLogger(__name__)
 
 
 class StopSignals:
     def __init__(self):
         self.signal_name = None
+        self._agreement = None  # launched at the last check, read at the next
         self._previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
@@ -35,21 +39,22 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
-        log.warning("received %s: will checkpoint at the end of this step", self.signal_name)
+        log.warning("received %s: will checkpoint and stop at the next step all ranks agree on", self.signal_name)
 
     def should_stop(self, device: torch.device, step: int = 0, every: int = 1) -> bool:
-        """True on every rank if any rank was signalled.
+        """True on every rank, at the same step, if any rank was signalled.
 
-        Distributed, the ranks agree with one tiny all-reduce, whose read waits for the
-        device: done only at steps divisible by ``every`` (train.stop_check_every).
+        Distributed, at steps divisible by ``every`` (train.stop_check_every) each rank reads the
+        all-reduce launched at the previous such step and, unless that says stop, launches the next.
         """
         flag = self.signal_name is not None
         if dist.is_available() and dist.is_initialized():
             if step % every:
                 return False
-            t = torch.tensor([2 if self.signal_name == "SIGUSR1" else int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            agreed = t.item()  # the one read
+            agreed = self._agreement.read() if self._agreement is not None else 0
+            self._agreement = None
+            if not agreed:  # the same on every rank: all launch, or none
+                self._agreement = Agreement(2 if self.signal_name == "SIGUSR1" else int(flag), device)
             if agreed and self.signal_name is None:
                 self.signal_name = "SIGUSR1" if agreed == 2 else "SIGTERM"
             flag = bool(agreed)
@@ -70,6 +75,7 @@ class StopSignals:
             log.warning("requeued Slurm job %s; it resumes from the checkpoint just written", job)
 
     def restore(self) -> None:
+        self._agreement = None  # every rank launched it: it completes without being read
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
