@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,17 @@ def _default_extensions_dir() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def one_device_queue_for_tp(tp: int, environ: Optional[dict] = None) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 at TP > 1 unless set: megatron's column-parallel backward launches the
+    input gradient's async all-reduce, then the weight-gradient GEMM, and relies on one hardware queue to run
+    them in that order, so the all-reduce overlaps the GEMM; with several queues the GEMM can go first.  At
+    TP = 1 CUDA's default stays: ZeRO-3's gather and reduce streams overlap compute through several queues.
+    The driver reads it when the CUDA context is made: it must be set before ``set_device``."""
+    env = os.environ if environ is None else environ
+    if tp > 1:
+        env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
 def init_layout(tp: int = 1, device: str = "auto", seed: int = 0) -> Layout:
     """Initialise torch.distributed (via DeepSpeed) and megatron's groups once per process; idempotent."""
     global _LAYOUT
@@ -64,6 +76,7 @@ def init_layout(tp: int = 1, device: str = "auto", seed: int = 0) -> Layout:
         if _LAYOUT.tp != tp:
             raise RuntimeError(f"process groups already built for tp={_LAYOUT.tp}, asked for tp={tp}")
         return _LAYOUT
+    one_device_queue_for_tp(tp)
     env = detect()
     export_torch_env(env)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
