@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -113,16 +114,25 @@ def train_row(preset: str, objective: str, size: Size, device: torch.device) -> 
     return row
 
 
-def train_rows(size: Size, device: torch.device) -> list[dict]:
-    return [train_row(p, o, size, device) for p in size.presets for o in ("ar", "star")]
+def past(until: Optional[float]) -> bool:
+    """A section's rows stop starting at its deadline (``time.monotonic()``); the row in flight finishes."""
+    return until is not None and time.monotonic() > until
 
 
-def attention_rows(size: Size, device: torch.device) -> list[dict]:
+def train_rows(size: Size, device: torch.device, until: Optional[float] = None) -> list[dict]:
+    return [{"preset": p, "objective": o, "over_budget": True} if past(until) else train_row(p, o, size, device)
+            for p in size.presets for o in ("ar", "star")]
+
+
+def attention_rows(size: Size, device: torch.device, until: Optional[float] = None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = attention.MASKED_BACKENDS if device.type == "cuda" else ("sdpa", "sdpa-math", "flex")
     rows = []
     for d in size.head_dims:
         for backend in backends:
+            if past(until):
+                rows.append({"head_dim": d, "backend": backend, "over_budget": True})
+                continue
             try:
                 s, err = attention.time_masked(backend, *size.attention_shape, d, dtype, device)
                 rows.append({"head_dim": d, "backend": backend, "ms": 1e3 * s, "max_err": err})
@@ -131,13 +141,16 @@ def attention_rows(size: Size, device: torch.device) -> list[dict]:
     return rows
 
 
-def sampling_rows(size: Size, device: torch.device) -> list[dict]:
+def sampling_rows(size: Size, device: torch.device, until: Optional[float] = None) -> list[dict]:
     cfg = bench_config(size.sample_preset, "ar", 1, size, device)
     with torch.device(device):
         torch.manual_seed(0)
         model = build_model(cfg).eval()
     rows = []
     for batch in size.sample_batches:
+        if past(until):
+            rows.append({"batch": batch, "over_budget": True})
+            continue
         labels = torch.arange(batch, device=device) % cfg.model.num_classes
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             generate(model, labels[:2], cfg_scale=2.0)  # warm-up
