@@ -204,8 +204,7 @@ class Config:
             raise ConfigError(f"parallel.tp={p.tp}: expected a divisor of the world size {world_size} (the number of processes launched)")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
-        if self.train.compile and p.zero_stage == 3 and ((world_size or 1) > 1 or p.tp > 1):
-            # Compiling a block would trace ZeRO-3's parameter gather/release hooks: untested on a GPU.
+        if self.train.compile and p.zero_stage == 3 and ((world_size or 1) > 1 or p.tp > 1):  # untested: traces ZeRO-3's hooks
             raise ConfigError("train.compile=true with parallel.zero_stage=3: expected train.compile=false or "
                               "parallel.zero_stage<=2 on more than one rank (one process may compile)")
         if o.name not in ("ar", "star"):
