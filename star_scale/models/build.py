@@ -29,9 +29,18 @@ def build_model(cfg: Config, meta: bool = False, **layer_factories) -> GPT:
         return GPT(gpt_args(cfg), **layer_factories)
 
 
-def materialize(module: nn.Module, device: torch.device, value_for: Optional[Callable] = None,
-                after_unit: Optional[Callable] = None) -> None:
-    """Allocate every GPT of ``module`` still on the meta device (student, teacher copy) on ``device``;
-    ``value_for(gpt)``: its ``GPT.materialize`` value function (default: the whole initial weights)."""
-    for gpt in [m for m in module.modules() if isinstance(m, GPT) and m.is_meta()]:
-        gpt.materialize(device, value=value_for(gpt) if value_for else None, after_unit=after_unit)
+def materialize(modules, device: torch.device, value_for: Optional[Callable] = None, after_unit=None) -> None:
+    """Allocate every GPT still on the meta device (student, teacher copy) of ``modules`` (a module or a
+    list) on ``device``; ``value_for(gpt)``: its ``GPT.materialize`` value function (default: the whole
+    initial weights), which must depend on the GPT only through its seed and args; ``after_unit``: one
+    callable for every GPT, or one per module.  Copies of one GPT (same seed, args, parameters: a student
+    and its EMA teacher) are filled together, each weight drawn once for all of them."""
+    modules = list(modules) if isinstance(modules, (list, tuple)) else [modules]
+    afters = list(after_unit) if isinstance(after_unit, (list, tuple)) else [after_unit] * len(modules)
+    groups: dict = {}
+    for module, after in zip(modules, afters):
+        for gpt in [m for m in module.modules() if isinstance(m, GPT) and m.is_meta()]:
+            key = (gpt.init_seed, repr(gpt.args), tuple((n, tuple(p.shape)) for n, p in gpt.named_parameters()))
+            groups.setdefault(key, []).append((gpt, after))
+    for (first, after), *twins in groups.values():
+        first.materialize(device, value=value_for(first) if value_for else None, after_unit=after, twins=twins)

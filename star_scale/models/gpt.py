@@ -218,6 +218,21 @@ def initial_value(seed: int, name: str, shape: Sequence[int], std: float) -> tor
     return torch.empty(shape, device="cpu").normal_(std=std, generator=generator)
 
 
+def _shapes(gpt: nn.Module) -> list:
+    return [(name, tuple(p.shape)) for name, p in gpt.named_parameters()]
+
+
+def _allocate(unit: nn.Module, device) -> nn.Module:
+    """Replace the unit's meta parameters by empty ones on ``device`` (attributes kept)."""
+    for module in unit.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)  # e.g. megatron's tensor-parallel marks
+                module._parameters[key] = new
+    return unit
+
+
 class GPT(nn.Module):
     """init_seed: the seed of every initial weight (``initial_value``); by default one draw from torch's
     global generator, the only draw construction makes, so a GPT built on the meta device and materialised
@@ -262,26 +277,34 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def materialize(self, device: torch.device | str = "cpu", value: Optional[Callable] = None,
-                    after_unit: Optional[Callable[[nn.Module], None]] = None) -> "GPT":
+                    after_unit: Optional[Callable[[nn.Module], None]] = None,
+                    twins: Sequence[tuple["GPT", Optional[Callable]]] = ()) -> "GPT":
         """Allocate a GPT built under ``torch.device("meta")`` on ``device``, one unit at a time, and fill
         every parameter with ``value(name, param)`` (default: its initial value).  ``after_unit(unit)``
         runs once a unit is filled, before the next is allocated: a sharding engine partitions it there,
-        so the whole model never exists at once.  Python attributes of the parameters are kept."""
+        so the whole model never exists at once.  Python attributes of the parameters are kept.
+
+        ``twins``: (gpt, its after_unit) for copies of this GPT still on meta (an EMA teacher: same seed,
+        args and parameters), allocated in the same pass and filled from the same ``value`` call, so
+        each weight is drawn once for all of them."""
         value = value or (lambda name, p: self.initial_value(name, p.shape))
-        with torch.device("cpu"):  # computed on the CPU as before, whatever the ambient device
-            self.rope = rope_table_2d(self.args.grid_size, self.args.head_dim, self.args.rope_base).to(device)
-        for prefix, unit in self.units():
-            for module in unit.modules():
-                for key, p in list(module._parameters.items()):
-                    if p is not None and p.is_meta:
-                        new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
-                                           requires_grad=p.requires_grad)
-                        new.__dict__.update(p.__dict__)  # e.g. megatron's tensor-parallel marks
-                        module._parameters[key] = new
-            for local, p in unit.named_parameters():
-                p.copy_(value(f"{prefix}.{local}", p))
-            if after_unit is not None:
-                after_unit(unit)
+        group = [(self, after_unit), *twins]
+        for gpt, _ in twins:
+            if (gpt.init_seed, gpt.args) != (self.init_seed, self.args) or _shapes(gpt) != _shapes(self):
+                raise ValueError("materialize twins must be copies of the GPT: same init_seed, args and parameters")
+        for gpt, _ in group:
+            with torch.device("cpu"):  # computed on the CPU as before, whatever the ambient device
+                gpt.rope = rope_table_2d(self.args.grid_size, self.args.head_dim, self.args.rope_base).to(device)
+        for units in zip(*(gpt.units() for gpt, _ in group)):
+            params = [dict(_allocate(unit, device).named_parameters()) for _, unit in units]
+            prefix = units[0][0]
+            for local, p in params[0].items():
+                filled = value(f"{prefix}.{local}", p)
+                for each in params:
+                    each[local].copy_(filled)
+            for (_, after), (_, unit) in zip(group, units):
+                if after is not None:
+                    after(unit)
         return self
 
     def is_meta(self) -> bool:

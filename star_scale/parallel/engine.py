@@ -9,9 +9,10 @@ Construction, in order:
 3. the EMA teacher is taken out of the module (the student's engine must not
    partition or optimise it) and the contrastive negatives are gathered over
    the data-parallel group only (tensor-parallel ranks hold the same images);
-4. GPTs built on the meta device (the trainer's) are allocated, teacher first,
-   one unit at a time, each ZeRO-3 partitioned before the next exists
-   (``zero_init``): start-up holds 1/N of the model plus one block;
+4. GPTs built on the meta device (the trainer's) are allocated, teacher and
+   student together, one unit at a time, each weight drawn once for both, each
+   unit ZeRO-3 partitioned before the next exists (``zero_init``): start-up
+   holds 1/N of the model plus one block of each;
 5. the teacher's engine (``sharded_teacher``), partitioned like the student;
 6. the student's engine: torch AdamW as the client optimizer, the generated
    DeepSpeed config, the megatron mpu.
@@ -74,13 +75,15 @@ class DeepSpeedEngine:
         self.ds_config = student_config(cfg, L.dp, self.dtype, self.device)
         zero3 = cfg.parallel.zero_stage == 3
         self.teacher = None
-        if ema is not None:  # allocated and partitioned first: see ShardedTeacher
-            materialize_shards(ema, self.device, L.tp_rank, L.tp,
-                        partitioner(teacher_config(self.ds_config), MegatronMPU()) if zero3 else None)
-            if zero3:
-                self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype,
-                                              L.tp_group, self.device)
-        materialize_shards(module, self.device, L.tp_rank, L.tp, partitioner(self.ds_config, MegatronMPU()) if zero3 else None)
+        # Teacher and student together, unit by unit, each weight drawn once for both (the teacher's unit
+        # partitioned first); the teacher's engine exists before the student's: see ShardedTeacher.
+        teachers = [ema] if ema is not None else []
+        materialize_shards(teachers + [module], self.device, L.tp_rank, L.tp,
+                           [partitioner(teacher_config(self.ds_config), MegatronMPU()) for _ in teachers]
+                           + [partitioner(self.ds_config, MegatronMPU())] if zero3 else None)
+        if ema is not None and zero3:
+            self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype,
+                                          L.tp_group, self.device)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False,

@@ -159,10 +159,10 @@ def shard_of_initial(gpt: GPT, rank: int, tp: int):
     return value
 
 
-def materialize_shards(module: nn.Module, device: torch.device, rank: int, tp: int, after_unit=None) -> None:
-    """Allocate every GPT of ``module`` still on the meta device with this rank's shards of its seeded
-    initial weights, one unit at a time (``after_unit``: see GPT.materialize)."""
-    materialize(module, device, value_for=lambda gpt: shard_of_initial(gpt, rank, tp), after_unit=after_unit)
+def materialize_shards(modules, device: torch.device, rank: int, tp: int, after_unit=None) -> None:
+    """Allocate every GPT of ``modules`` still on the meta device with this rank's shards of its seeded
+    initial weights, one unit at a time (``after_unit``: see models.build.materialize)."""
+    materialize(modules, device, value_for=lambda gpt: shard_of_initial(gpt, rank, tp), after_unit=after_unit)
 
 
 def to_tensor_parallel(gpt: GPT, factory: LayerFactory, rank: int) -> GPT:

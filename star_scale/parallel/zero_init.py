@@ -8,7 +8,8 @@ embedding table) at any moment of start-up, never the whole model.  The
 engines' ``deepspeed.initialize`` finds the parameters already partitioned and
 leaves them as they are.
 
-The first unit goes through ``deepspeed.zero.Init(module=...)`` with the
+The first unit goes through ``deepspeed.zero.Init(module=...)`` (as ``SeededInit``, which
+skips Init's broadcast from rank 0 where the ranks' values agree) with the
 engine's own DeepSpeed config and data-parallel group (so partitions take the
 dtype, device and group that ``deepspeed.initialize`` would give them); later units through that first
 parameter's ``convert_to_zero_parameters``, the same call DeepSpeed makes for
@@ -16,9 +17,10 @@ parameters added to a partitioned model.
 """
 from __future__ import annotations
 
-import deepspeed
 import torch.nn as nn
 from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+from star_scale.parallel.seeded_init import SeededInit, checked_broadcast
 
 
 def partitioner(ds_config: dict, mpu):
@@ -29,12 +31,14 @@ def partitioner(ds_config: dict, mpu):
         params = [p for p in unit.parameters() if not is_zero_param(p)]
         if not params:
             return
+        # No broadcast from rank 0 where every rank drew the same values (seeded_init.py).
+        broadcast = checked_broadcast(params, mpu.get_data_parallel_group(), type(unit).__name__)
         if converted:
-            converted[0].convert_to_zero_parameters(param_list=params)
+            converted[0].broadcast = broadcast
+            converted[1].convert_to_zero_parameters(param_list=params)
         else:
             # The group as DeepSpeed itself passes it: without it Init partitions over the whole world,
             # tensor-parallel ranks included, and broadcasts rank 0's shards to them.
-            deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config, mpu=mpu,
-                                data_parallel_group=mpu.get_data_parallel_group())
-            converted.append(params[0])
+            converted.extend([SeededInit(module=unit, config_dict_or_path=ds_config, mpu=mpu, broadcast=broadcast,
+                                         data_parallel_group=mpu.get_data_parallel_group()), params[0]])
     return partition
