@@ -84,6 +84,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     zero_stage: int = 3
     activation_checkpointing: bool = False
+    bf16_weights: bool = False  # bf16 weights, fp32 masters, bf16 reduction (ds_config.precision_policy)
     deepspeed_config: Optional[str] = None  # raw DeepSpeed JSON that overrides the generated one
 
 
@@ -236,6 +237,9 @@ class Config:
                               f"{d.global_batch // dp} (data.global_batch={d.global_batch} / data-parallel size {dp})")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: expected auto, fp32 or bf16")
+        if p.bf16_weights and (self.train.precision == "fp32" or p.zero_stage < 2 or (world_size == 1 and p.tp == 1)):
+            raise ConfigError(f"parallel.bf16_weights=true: expected train.precision bf16/auto (got {self.train.precision}), "
+                              f"ZeRO-2/3 (got {p.zero_stage}) and more than one rank or parallel.tp > 1 (DeepSpeed)")
         if self.train.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.train.device!r}: expected auto, cpu or cuda")
         if self.train.stop_check_every < 1:

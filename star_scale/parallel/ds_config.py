@@ -24,6 +24,15 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+# DeepSpeed's defaults, written out so `star-scale plan` reads the sizes the engine uses (in elements).
+# ZeRO-1/2 allocate one reduce bucket (two with overlap_comm) in the gradients' dtype during backward;
+# ZeRO-3 gathers whole weights until max_live_parameters are alive and keeps those it reuses within
+# max_reuse_distance (measured: star_scale/bench/engine_bytes.py, `bench memory --state`).
+BUCKETS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+           "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 1_000_000_000,
+           "stage3_max_reuse_distance": 1_000_000_000}
+
+
 def batch_sizes(cfg: Config, dp: int) -> tuple[int, int]:
     """(micro batch per rank, gradient accumulation steps)."""
     per_rank = cfg.data.global_batch // dp
@@ -31,17 +40,24 @@ def batch_sizes(cfg: Config, dp: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def precision_policy(dtype: torch.dtype) -> dict:
+def precision_policy(dtype: torch.dtype, bf16_weights: bool = False) -> dict:
     """bf16 the way the single-process engine does it, so one GPU and many are numerically comparable.
 
     fp32 weights, bf16 compute under torch.autocast (norms, softmax and the loss stay fp32),
     fp32 gradients, accumulated and reduced in fp32 (no parameter gets a bf16 comm dtype:
-    ``lower_precision_safe_modules`` is empty).  DeepSpeed's own ``bf16`` mode would instead
-    keep bf16 weights and gradients (fp32 master in the optimizer) and reduce in bf16: the
-    same bytes per parameter in total (4 + 4 + 8 vs 2 + 2 + 12) but a different forward than
-    LocalEngine's autocast, and bf16 rounding in every all-reduce.  The price here is fp32
-    ZeRO-3 parameter gathers (twice the bytes of bf16 ones).
+    ``lower_precision_safe_modules`` is empty).  Per parameter: fp32 weights, grads, ZeRO's own
+    fp32 master copy and two moments (4 + 4 + 4 + 8 bytes), and fp32 ZeRO-3 gathers.
+
+    ``parallel.bf16_weights``: DeepSpeed's own ``bf16`` mode instead, bf16 weights, gradients
+    reduced in bf16 (``communication_data_type``) into an fp32 partition (ZeRO-3: bf16), fp32
+    masters: 2 + 4 + 4 + 8 bytes (ZeRO-3: 2 + 2 + 4 + 8; measured), half the ZeRO-3 gather and reduce-bucket bytes, and a forward on
+    bf16-rounded weights (tests/dist/test_bf16.py bounds the losses' drift from one process).
     """
+    if bf16_weights:
+        if dtype != torch.bfloat16:
+            raise ConfigError("parallel.bf16_weights=true: expected train.precision=bf16 (it resolved to fp32 "
+                              "on this device)")
+        return {"bf16": {"enabled": True}, "communication_data_type": "bf16"}
     autocast = dtype == torch.bfloat16
     out = {"bf16": {"enabled": False}}
     if autocast:
@@ -58,12 +74,13 @@ def student_config(cfg: Config, dp: int, dtype: torch.dtype, device: torch.devic
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.optimizer.grad_clip,
-        **precision_policy(dtype),
+        **precision_policy(dtype, cfg.parallel.bf16_weights),
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             # Overlapping communication needs CUDA streams; on CPU it only adds copies.
             "overlap_comm": device.type == "cuda",
             "contiguous_gradients": True,
+            **BUCKETS,
         },
         # The client optimizer is torch AdamW (DeepSpeed's own Adams JIT-build C++/CUDA ops).
         "zero_allow_untested_optimizer": True,

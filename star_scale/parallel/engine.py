@@ -44,7 +44,7 @@ from star_scale.parallel.mpu import MegatronMPU
 from star_scale.parallel.replicas import check_replicas
 from star_scale.parallel.sharded_teacher import ReplicatedTeacher, ShardedTeacher, install_teacher, take_teacher
 from star_scale.parallel.tensor_parallel import LayerFactory, materialize_shards, tensor_parallelize
-from star_scale.parallel.zero_init import partitioner
+from star_scale.parallel.zero_init import cast_whole_params, partitioner
 from star_scale.train.checkpoint import CheckpointDir
 from star_scale.train.local_engine import configure_models, make_optimizer, resolve_device, resolve_dtype
 from star_scale.train.metrics import accumulate, read_metrics
@@ -84,6 +84,8 @@ class DeepSpeedEngine:
         if ema is not None and zero3:
             self.teacher = ShardedTeacher(ema, teacher_config(self.ds_config), MegatronMPU(), self.dtype,
                                           L.tp_group, self.device)
+        if zero3 and cfg.parallel.bf16_weights:
+            cast_whole_params(module, torch.bfloat16)
         optimizer = make_optimizer(module, cfg, self.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
                                                              mpu=MegatronMPU(), dist_init_required=False,

@@ -17,6 +17,7 @@ parameters added to a partitioned model.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
@@ -26,11 +27,15 @@ from star_scale.parallel.seeded_init import SeededInit, checked_broadcast
 def partitioner(ds_config: dict, mpu):
     """``after_unit`` for ``GPT.materialize``: partition the unit's parameters (ZeRO-3)."""
     converted = []
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
 
     def partition(unit: nn.Module) -> None:
         params = [p for p in unit.parameters() if not is_zero_param(p)]
         if not params:
             return
+        if bf16:  # Init given a built module partitions it in the module's dtype, not the config's
+            for p in params:
+                p.data = p.data.to(torch.bfloat16)
         # No broadcast from rank 0 where every rank drew the same values (seeded_init.py).
         broadcast = checked_broadcast(params, mpu.get_data_parallel_group(), type(unit).__name__)
         if converted:
@@ -42,3 +47,11 @@ def partitioner(ds_config: dict, mpu):
             converted.extend([SeededInit(module=unit, config_dict_or_path=ds_config, mpu=mpu, broadcast=broadcast,
                                          data_parallel_group=mpu.get_data_parallel_group()), params[0]])
     return partition
+
+
+def cast_whole_params(module: nn.Module, dtype: torch.dtype) -> None:
+    """The parameters no unit partitioned (the training module's own heads), in the partitions' dtype:
+    ``deepspeed.initialize`` partitions them as they are, and ZeRO-3 needs one dtype throughout."""
+    for p in module.parameters():
+        if not is_zero_param(p):
+            p.data = p.data.to(dtype)

@@ -17,6 +17,8 @@ Scenarios:
            dp2; the consolidated state through a fresh engine and back; fp32 star with a chunked
            head cross-entropy.
   tp2recompute  2 ranks, TP = 2: star with and without activation checkpointing.
+  bf16_weights  2 ranks, parallel.bf16_weights (bf16 weights, fp32 masters, bf16 reduction): star at
+           ZeRO-2 and ZeRO-3, losses and the teacher's EMA as in dp2.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def run(objective: str, world: int, tp: int, *extra: str, ckpt_dir: Path | None 
             ema_update_([reference_teacher[n] for n in names], [student[n] for n in names], cfg.objective.ema_decay)
         if ckpt_dir is not None and step == 10:
             dist_ckpt.save(engine, CheckpointDir(ckpt_dir), step, {"step": step})
-    out = {"losses": losses, "grad_norms": norms, "metrics": history}
+    out = {"losses": losses, "grad_norms": norms, "metrics": history,
+           "param_dtype": str(next(engine.module.parameters()).dtype)}
     if reference_teacher is not None:
         gathered = engine.teacher.full_state()
         out["teacher_max_diff"] = max((gathered[n] - reference_teacher[n]).abs().max().item() for n in gathered)
@@ -278,6 +281,10 @@ def main() -> None:
     elif scenario == "tp2recompute":  # 2 ranks, TP = 2, ZeRO-3: activation checkpointing on vs off
         results["star"] = run("star", 2, 2)
         results["star_recompute"] = run("star", 2, 2, "parallel.activation_checkpointing=true")
+    elif scenario == "bf16_weights":
+        for stage in (2, 3):
+            results[f"zero{stage}"] = run("star", 2, 1, f"parallel.zero_stage={stage}", "train.precision=bf16",
+                                          "parallel.bf16_weights=true")
     elif scenario == "whole_state_loads":
         results = whole_state_loads(out_dir)
     elif scenario == "resume1":
