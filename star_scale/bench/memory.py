@@ -127,7 +127,25 @@ def checkpoint_costs(engine, folder: Path) -> dict:
     return out
 
 
-def worker(out: str, overrides: list[str], checkpoint: bool = False) -> None:
+def state_step(engine, module, b: int, t: int) -> dict:
+    """A second step by hand (the moments exist by now): the peak of every tensor both engines hold,
+    and of the gathered ZeRO-3 weights, during it."""
+    import torch
+
+    from star_scale.bench.engine_bytes import Peak
+
+    tokens = torch.randint(0, engine.cfg.model.vocab_size, (engine.micro_batch, module.views, t))
+    labels = torch.zeros(engine.micro_batch, dtype=torch.long)
+    with Peak(engine) as peak:
+        for _ in range(engine.accumulation):
+            loss, _ = engine.ds(tokens, labels)
+            engine.ds.backward(loss)
+            peak.sample()
+        engine.ds.step()
+    return {"held_peak": peak.held, "gather_peak": peak.gathered}
+
+
+def worker(out: str, overrides: list[str], checkpoint: bool = False, state: bool = False) -> None:
     import torch
     import torch.distributed as dist
 
@@ -148,6 +166,8 @@ def worker(out: str, overrides: list[str], checkpoint: bool = False) -> None:
     b = cfg.data.global_batch // engine.dp_size
     engine.train_step(torch.randint(0, cfg.model.vocab_size, (b, module.views, t)), torch.zeros(b, dtype=torch.long))
     costs = checkpoint_costs(engine, Path(out).with_suffix(".ckpt")) if checkpoint else {}
+    if state:
+        costs = state_step(engine, module, b, t)
     ranks = [None] * world
     dist.all_gather_object(ranks, {**measure(engine), "startup_rss": startup, **costs})
     if dist.get_rank() == 0:
@@ -163,7 +183,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False, tag: str = "") -> list[dict]:
+def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False, tag: str = "",
+           state: bool = False) -> list[dict]:
     out = tmp / f"ranks{n}{tag}.json"
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
@@ -171,7 +192,8 @@ def launch(n: int, overrides: list[str], tmp: Path, checkpoint: bool = False, ta
                PYTHONWARNINGS="ignore", DEEPSPEED_TIMEOUT=os.environ.get("DEEPSPEED_TIMEOUT", "5"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(free_port()), "-m", "star_scale.bench.memory", "--worker", str(out), *(["--checkpoint"] if checkpoint else []), "--",
+           str(free_port()), "-m", "star_scale.bench.memory", "--worker", str(out), *(["--checkpoint"] if checkpoint else []),
+           *(["--state"] if state else []), "--",
            *overrides]
     log = tmp / f"launch{n}{tag}.log"
     with open(log, "w") as f:
@@ -192,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", action="store_true", help="bytes written per rank, seconds per save (sync and "
                    "async) and peak RSS added by save and load (N = 1 vs 2); last line "
                    "`ratio ckpt-bytes-per-rank-2/1 = X`")
+    p.add_argument("--state", action="store_true", help="every tensor each rank's engine holds after its last "
+                   "backward (weights, grads, masters, moments, buckets, teacher) and the peak of gathered ZeRO-3 "
+                   "weights, in bytes per parameter, beside `star-scale plan`'s byte model (N = 1 vs 2)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = p.parse_args(argv)
@@ -199,11 +224,11 @@ def main(argv=None) -> int:
                  "data.global_batch=2", "train.device=cpu", "train.precision=fp32", "parallel.zero_stage=3",
                  "parallel.tp=1", "optimizer.lr_batch=null", *args.overrides]
     if args.worker:
-        worker(args.worker, args.overrides, args.checkpoint)
+        worker(args.worker, args.overrides, args.checkpoint, args.state)
         return 0
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="bench-memory.") as tmp:
-        results = {n: launch(n, overrides, Path(tmp), args.checkpoint) for n in (1, 2)}
+        results = {n: launch(n, overrides, Path(tmp), args.checkpoint, state=args.state) for n in (1, 2)}
         if args.startup:  # and 2 ranks as one TP = 2 group (megatron layers, dp = 1)
             tp2 = launch(2, overrides + ["parallel.tp=2"], Path(tmp), tag="tp2")
     if args.checkpoint:
@@ -220,6 +245,12 @@ def main(argv=None) -> int:
               f"load {worst['load']:.3f}")
         per_rank = {n: max(m["ckpt_bytes"] for m in ranks) for n, ranks in results.items()}
         print(f"ratio ckpt-bytes-per-rank-2/1 = {per_rank[2] / per_rank[1]:.3f}")
+        return 0
+    if args.state:
+        from star_scale.bench.engine_bytes import compare_plan
+
+        for n, ranks in results.items():
+            print(compare_plan(overrides, n, ranks))
         return 0
     if args.startup:
         for n, ranks in results.items():

@@ -3,10 +3,10 @@ import glob
 import pytest
 import torch
 
-from star_scale.config import load_config
+from star_scale.config import ConfigError, load_config
 from star_scale.models.build import build_model
 from star_scale.objectives.module import build_training_module
-from star_scale.slurm.plan import count_params, estimate, main, suggest
+from star_scale.slurm.plan import _with, count_params, estimate, largest_param, main, suggest
 from star_scale.train.local_engine import LocalEngine
 from tests.conftest import TINY
 
@@ -59,10 +59,13 @@ def test_every_paper_recipe_fits_80gb(capsys):
 
 def test_zero3_shards_states_over_data_parallel_ranks():
     cfg = load_config("recipes/XL-star.yaml", ["parallel.zero_stage=3"])
-    one, eight = estimate(cfg, gpus=1), estimate(cfg, gpus=8)
-    for part in ("weights", "grads", "optimizer", "teacher"):
-        assert getattr(eight, part) == pytest.approx(getattr(one, part) / 8)
-    assert eight.activations == one.activations  # micro batch 32 either way (8 accumulation steps on 1 GPU)
+    two, sixteen = estimate(cfg, gpus=2), estimate(cfg, gpus=16)
+    for part in ("weights", "optimizer", "teacher"):
+        assert getattr(sixteen, part) == pytest.approx(getattr(two, part) / 8)
+    whole = largest_param(cfg) * 4  # the largest gradient, whole on every rank during backward
+    assert sixteen.grads - whole == pytest.approx((two.grads - whole) / 8)
+    for part in ("activations", "buckets", "zero3_gather"):  # micro batch 32 either way; per-rank windows
+        assert getattr(sixteen, part) == getattr(two, part) > 0
 
 
 @pytest.mark.parametrize("width,batch", [(64, 8), (128, 16)])
@@ -88,3 +91,23 @@ def test_suggest_falls_back_to_sharding_when_memory_is_short():
     assert (over["parallel.tp"], over["parallel.zero_stage"]) != (1, 2) and plan.total < 0.9 * 40 * 2**30
     with pytest.raises(ValueError, match="no layout of 16 GPUs fits in 4 GB"):
         suggest(cfg, gpu_gib=4)
+
+
+def test_suggest_picks_bf16_weights_when_fp32_weights_do_not_fit_at_that_tp():
+    cfg = load_config("recipes/3B-star.yaml")
+    over, plan = suggest(cfg, gpu_gib=40)
+    assert over["parallel.bf16_weights"] and over["parallel.tp"] == 1 and plan.total < 0.9 * 40 * 2**30
+    fp32 = _with(cfg, {**over, "parallel.bf16_weights": False})
+    assert estimate(fp32, 16).total > 0.9 * 40 * 2**30  # the same layout with fp32 weights does not fit
+    assert estimate(plan_cfg := _with(cfg, over), 16).weights == count_params(plan_cfg)[0] * 2 / 16
+    over, _ = suggest(_with(cfg, {"train.precision": "fp32"}), gpu_gib=40)
+    assert not over["parallel.bf16_weights"]  # fp32 training never gets bf16 weights
+
+
+@pytest.mark.parametrize("overrides,world", [(["train.precision=fp32"], 16), (["parallel.zero_stage=1"], 16),
+                                              (["parallel.tp=1"], 1)])
+def test_bf16_weights_refusals(overrides, world):
+    with pytest.raises(ConfigError, match=r"^parallel.bf16_weights=true: expected train.precision bf16/auto \(got "):
+        load_config("recipes/3B-star.yaml", ["parallel.bf16_weights=true", "parallel.zero_stage=2", *overrides],
+                    world_size=world)
+    load_config("recipes/3B-star.yaml", ["parallel.bf16_weights=true", "parallel.zero_stage=2"], world_size=16)
