@@ -23,6 +23,10 @@ what the rank held before, beside the whole unsharded state (fp32 weights, AdamW
 teacher); the last line is ``ratio ckpt-bytes-per-rank-2/1 = X`` (0.5: every rank writes
 only its share).
 
+``--state`` takes a second step by hand and prints, per N, the peak bytes both engines held during it
+(every tensor they reach: weights, grads, fp32 masters, moments, reduce buckets, gathered ZeRO-3
+weights, teacher; bench/engine_bytes.py) beside `star-scale plan`'s byte model of the same config.
+
 The default model is preset B (111M parameters) on a 4 x 4 token grid:
 parameter memory does not depend on the grid, and at B size the parameters
 ZeRO-3 keeps whole (norm weights) are negligible, as at training scale.

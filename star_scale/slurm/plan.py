@@ -91,13 +91,16 @@ def _zero_sizes(cfg: Config, dp: int, gpu: bool) -> dict:
     return ds["zero_optimization"]
 
 
-def estimate(cfg: Config, gpus: int, gpu: bool = True) -> MemoryPlan:
+def estimate(cfg: Config, gpus: int, gpu: bool = True, deepspeed: bool | None = None) -> MemoryPlan:
+    """deepspeed: the engine, as the trainer picks it (None: DeepSpeed for more than one rank or TP > 1)."""
     a = gpt_args(cfg)
     p = cfg.parallel
     tp, dp = p.tp, max(1, gpus // p.tp)
     n, block = count_params(cfg)
     n_local = n / tp
-    stage, deepspeed = p.zero_stage, gpus > 1 or tp > 1  # one process: LocalEngine (no ZeRO, no master)
+    stage = p.zero_stage
+    if deepspeed is None:  # one process: LocalEngine (no ZeRO, no master)
+        deepspeed = gpus > 1 or tp > 1
     bf16w = p.bf16_weights and deepspeed
     w_bytes = 2 if bf16w else 4
     g_bytes = 2 if bf16w and stage >= 3 else 4  # bf16 weights: ZeRO-2 reduces into an fp32 partition, ZeRO-3 not
