@@ -8,6 +8,7 @@ so a dead rank fails a test instead of hanging it.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -60,6 +61,13 @@ def run_torchrun(nproc: int, *args: str, log: Path, timeout: float = 300, **pope
         tail = log.read_text()[-6000:]
         pytest.fail(f"torchrun {' '.join(args)} exited {out.returncode}; log {log}:\n{tail}")
     return out
+
+
+def launch_worker(tmp_path_factory, worker: str, name: str, nproc: int = 2) -> list[dict]:
+    """Launch ``worker OUT`` on ``nproc`` ranks; each rank writes ``OUT/{name}.rank{r}.json``: return them."""
+    out = tmp_path_factory.mktemp(name)
+    run_torchrun(nproc, worker, str(out), log=out / f"{name}.log")
+    return [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(nproc)]
 
 
 @pytest.fixture(scope="session", autouse=True)

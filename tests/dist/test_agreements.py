@@ -1,23 +1,20 @@
 """Host-side agreements over 2 gloo ranks: one masked-attention backend (rank 0's, timed at the training
 shape), a stop signal on one rank stopping both at the same step, an asynchronous save committed by
 the polling agreement, and a failed write on one rank ending both at the same poll."""
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import run_torchrun  # noqa: E402
+from conftest import launch_worker  # noqa: E402
 
 WORKER = str(Path(__file__).resolve().parent / "agreement_worker.py")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("agreements")
-    run_torchrun(2, WORKER, str(out), log=out / "agreements.log")
-    return [json.loads((out / f"agreements.rank{r}.json").read_text()) for r in range(2)]
+    return launch_worker(tmp_path_factory, WORKER, "agreements")
 
 
 def test_every_rank_uses_rank_0s_masked_backend_timed_at_the_training_shape(ranks):

@@ -1,23 +1,20 @@
 """Engine start-up over 2 gloo ranks with real DeepSpeed: every whole initial weight is drawn once per rank
 for student and teacher together, zero.Init broadcasts nothing when the ranks drew the same values, and
 broadcasts the unit whose values differ (another CPU's last bit) so the partitions still agree."""
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import run_torchrun  # noqa: E402
+from conftest import launch_worker  # noqa: E402
 
 WORKER = str(Path(__file__).resolve().parent / "startup_worker.py")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("startup")
-    run_torchrun(2, WORKER, str(out), log=out / "startup.log")
-    return [json.loads((out / f"startup.rank{r}.json").read_text()) for r in range(2)]
+    return launch_worker(tmp_path_factory, WORKER, "startup")
 
 
 @pytest.mark.parametrize("run", ["zero3", "zero2"])
