@@ -24,8 +24,10 @@ USED = [
                                       "safe_set_full_fp32_param", "safe_set_full_optimizer_state",
                                       "safe_get_local_fp32_param", "safe_get_local_optimizer_state",
                                       "safe_set_local_fp32_param", "safe_set_local_optimizer_state"]),
-    ("deepspeed", "deepspeed", ["zero.Init"]),  # zero_init.py
-    ("deepspeed", "deepspeed.runtime.zero.partition_parameters", ["GatheredParameters", "is_zero_param"]),
+    ("deepspeed", "deepspeed.runtime.zero.partition_parameters", ["GatheredParameters", "is_zero_param", "Init",
+                                                                  # seeded_init.py overrides the one, calls the other
+                                                                  "Init._zero_init_param",
+                                                                  "Init._convert_to_deepspeed_param"]),
     ("deepspeed", "deepspeed.utils.tensor_fragment", ["tensor_fragment.get_optim_state_fragment"]),  # pieces.py
     ("deepspeed", "deepspeed.runtime.engine", ["DeepSpeedEngine.zero_optimization_stage",
                                                "DeepSpeedEngine.get_global_grad_norm"]),
