@@ -38,7 +38,7 @@ def test_deepspeed_launcher_local_rank_argument_is_dropped(monkeypatch):
 
 
 def test_deepspeed_config_from_recipe_and_override(tmp_path):
-    from star_scale.parallel.ds_config import student_config, teacher_config
+    from star_scale.parallel.ds_config import BUCKETS, student_config, teacher_config
 
     cfg = load_config(None, ["data.global_batch=32", "data.micro_batch=4", "parallel.zero_stage=3"], world_size=4)
     c = student_config(cfg, dp=2, dtype=torch.bfloat16, device=torch.device("cpu"))
@@ -55,8 +55,9 @@ def test_deepspeed_config_from_recipe_and_override(tmp_path):
     raw.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}))
     cfg.parallel.deepspeed_config = str(raw)
     c = student_config(cfg, dp=2, dtype=torch.float32, device=torch.device("cpu"))
+    # The user's key replaces the generated one; the other buckets stay DeepSpeed's defaults, written out for plan.
     assert c["zero_optimization"] == {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                                      "reduce_bucket_size": 1000}
+                                      **BUCKETS, "reduce_bucket_size": 1000}
     assert c["steps_per_print"] == 5 and not c["bf16"]["enabled"]
     cfg.parallel.deepspeed_config = str(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="parallel.deepspeed_config"):
