@@ -42,21 +42,37 @@ class LocalSlurm:
             raise RuntimeError(f"node.sh {index} {action} failed: {out.stderr}")
         return out.stdout
 
-    def job_state(self, job: str) -> str:
+    def job(self, job: str) -> dict:
+        """`scontrol show job -o` as fields (the first line: an array's first task)."""
         out = self.run("scontrol", "show", "job", job, "-o", check=False).stdout
-        for field in out.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
+        line = out.splitlines()[0] if out.strip() else ""
+        return dict(f.split("=", 1) for f in line.split() if "=" in f)
 
-    def wait(self, job: str, timeout: float = 600) -> str:
+    def job_state(self, job: str) -> str:
+        return self.job(job).get("JobState", "UNKNOWN")
+
+    def wait(self, job: str, timeout: float = 600, release: bool = False) -> str:
+        """Until the job ends. ``release``: a requeued job that Slurm holds again (its BeginTime, or a held
+        requeue after a failed launch) is let go at once, as its user would."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.job_state(job)
+            fields = self.job(job)
+            state = fields.get("JobState", "UNKNOWN")
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 return state
+            if release and state == "PENDING":
+                reason = fields.get("Reason", "")
+                if reason == "BeginTime":
+                    self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+                elif "held" in reason.lower() or fields.get("Priority") == "0":
+                    self.run("scontrol", "release", job, check=False)
             time.sleep(0.5)
-        raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout} s")
+        raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout} s: {self.job(job)}\n"
+                           f"slurmctld.log:\n{self.controller_log()}")
+
+    def controller_log(self, lines: int = 40) -> str:
+        path = Path(self.dir) / "log" / "slurmctld.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else "(none)"
 
     def start_requeued_now(self, job: str, timeout: float = 300) -> None:
         """Slurm holds a requeued job about 2 minutes (BeginTime) before it may restart; tests need not wait."""

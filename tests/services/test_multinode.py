@@ -74,8 +74,8 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def finish(cluster, job, run_dir) -> str:
-    state = cluster.wait(job, timeout=300)
+def finish(cluster, job, run_dir, release: bool = False) -> str:
+    state = cluster.wait(job, timeout=300, release=release)
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-5000:]
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))  # no line lost or repeated
@@ -181,7 +181,11 @@ def test_node_loss_requeues_and_resumes_bit_for_bit(two_nodes, zero3_run, store,
     two_nodes.start_requeued_now(job)  # Slurm requeued the job; released from its ~2 min hold
     assert two_nodes.job_state(job) == "PENDING"  # it needs both nodes: it waits for node2
     two_nodes.node(2, "start")  # the node comes back (ReturnToService=2)
-    log = finish(two_nodes, job, run_dir)
+    deadline = time.monotonic() + 60
+    while (state := two_nodes.run("sinfo", "-h", "-n", "node2", "-o", "%T").stdout.strip()) not in ("idle", "allocated", "mixed"):
+        assert time.monotonic() < deadline, f"node2 did not return ({state}):\n{two_nodes.controller_log()}"
+        time.sleep(0.5)
+    log = finish(two_nodes, job, run_dir, release=True)  # a hold set again after the node's return is let go
     assert "restart 1" in log and "resumed from" in log
     assert [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(zero3_run[1])]
 
