@@ -1,9 +1,17 @@
+import signal
+
 import numpy as np
 import pytest
 import torch
 
 from star_scale.config import load_config
 from star_scale.data.store import save_npz_store
+
+
+def pytest_configure(config):
+    # A SIGTERM (a CI timeout, `kill`) ends the run as Ctrl-C does: fixtures tear down, so local
+    # Slurm clusters (their daemons, namespaces and links), servers and mounts are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 TINY = ["model.preset=tiny", "model.vocab_size=64", "model.num_classes=4", "model.grid_size=4"]
