@@ -112,6 +112,9 @@ class ClusterConfig:
     ckpt_write_gbs: float = 1.0  # write bandwidth per node, GB/s: sizes signal_seconds to the checkpoint
     extra_sbatch: list = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=high"]
     tp_across_nodes: bool = False  # allow a tensor-parallel group to span nodes (every layer's all-reduce crosses the network)
+    # The batch script's first step (on every node) must start within this many seconds, else the job
+    # requeues itself rather than wait to its time limit; 0: wait forever. Raise it for slow prologs.
+    step_start_timeout: int = 600
 
     def ranks_per_node(self) -> int:
         return self.tasks_per_node or self.gpus_per_node
@@ -254,7 +257,7 @@ _RANGES = [(k, lambda v: v > 0, "a number > 0") for k in ("optimizer.lr", "optim
     [(k, lambda v: v >= 1, "an integer >= 1") for k in ("train.steps", "train.log_every", "train.ckpt_every",
                                                         "cluster.nodes", "parallel.tp", "data.shuffle_buffer_chunks")] + \
     [(k, lambda v: v >= 0, "a number >= 0") for k in ("train.probe_every", "data.prefetch", "train.keep_checkpoints",
-                                                      "optimizer.weight_decay")] + \
+                                                      "optimizer.weight_decay", "cluster.step_start_timeout")] + \
     [(k, lambda v: 0 <= v < 1, "a ratio in [0, 1)") for k in ("model.class_dropout", "model.token_dropout",
                                                               "model.resid_dropout", "model.ffn_dropout")] + \
     [("train.probe_images", lambda v: v >= 2, "at least 2")]

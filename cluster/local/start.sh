@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a local Slurm cluster on this machine for tests and the demo.
 #
-#   eval "$(cluster/local/start.sh [--nodes N] [STATE_DIR])"   # prints `export SLURM_CONF=...`
+#   eval "$(cluster/local/start.sh [--nodes N] [--conf LINE]... [STATE_DIR])"   # prints `export SLURM_CONF=...`
 #   cluster/local/client.sh STATE_DIR sbatch ...               # squeue / scontrol / star-scale submit
 #   cluster/local/stop.sh STATE_DIR
 #
@@ -17,7 +17,15 @@
 set -euo pipefail
 
 nodes=1
-if [ "${1:-}" = --nodes ]; then nodes=${2:-}; shift 2 || true; fi
+conf=()  # --conf LINE: one more slurm.conf line (e.g. 'Prolog=/path/prolog.sh'), repeatable
+while [ $# -gt 0 ]; do
+  case $1 in
+  --nodes) nodes=${2:-}; shift 2 || shift ;;
+  --conf) [[ ${2:-} == *=* ]] || { echo "start.sh: --conf '${2:-}': expected a slurm.conf line Key=Value" >&2; exit 2; }
+          conf+=("$2"); shift 2 ;;
+  *) break ;;
+  esac
+done
 if ! [[ $nodes =~ ^[1-9][0-9]*$ ]]; then echo "start.sh: --nodes '$nodes': expected a positive integer" >&2; exit 2; fi
 dir=${1:-$(mktemp -d /tmp/slurm.XXXXXX)}
 mkdir -p "$dir"/{state,spool,log}
@@ -102,6 +110,7 @@ KillWait=5
 MinJobAge=600
 SlurmdTimeout=$slurmd_timeout
 InactiveLimit=0
+$(printf '%s\n' "${conf[@]}")
 $node_lines
 PartitionName=debug Nodes=$node_names Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -103,6 +103,7 @@ def render(cfg: Config, train_args: list[str], experiment_id: str, template: Pat
         "JOB_NAME": cfg.name, "NODES": c.nodes, "TASKS_PER_NODE": c.ranks_per_node(), "CPUS_PER_TASK": c.cpus_per_task,
         "TIME": c.time, "RUN_DIR": cfg.run_dir().resolve(), "SIGNAL_SECONDS": window.signal_seconds,
         "SAVE_WAIT": window.save_wait, "MEM_LINE": mem_line(cfg), "TP": cfg.parallel.tp,
+        "STEP_START_TIMEOUT": c.step_start_timeout,
         "EXTRA_SBATCH": "\n".join(sbatch_options(c)), "EXPERIMENT_ID": shlex.quote(experiment_id),
         "WORKDIR": shlex.quote(str(Path.cwd())), "PYTHON": shlex.quote(sys.executable),
         # The script lands in the run folder: credentials travel in the job's environment, not here.

@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class LocalSlurm:
-    def __init__(self, nodes: int = 1):
+    def __init__(self, nodes: int = 1, conf: tuple = ()):
+        """``conf``: more slurm.conf lines (start.sh --conf)."""
         self.dir = tempfile.mkdtemp(prefix="slurm.", dir="/tmp")  # short path: munge socket < 108 chars
-        out = subprocess.run([str(ROOT / "cluster/local/start.sh"), "--nodes", str(nodes), self.dir],
+        extra = [a for line in conf for a in ("--conf", line)]
+        out = subprocess.run([str(ROOT / "cluster/local/start.sh"), "--nodes", str(nodes), *extra, self.dir],
                              capture_output=True, text=True)
         if out.returncode:
             self.stop()  # a half-built cluster: its daemons and namespaces go too

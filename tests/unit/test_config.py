@@ -28,6 +28,11 @@ def test_wrong_type_is_named():
         load_config(None, ["train.steps=many"])
 
 
+def test_negative_step_start_timeout_is_refused():
+    with pytest.raises(ConfigError, match=r"cluster\.step_start_timeout=-5: expected a number >= 0"):
+        load_config(None, ["cluster.step_start_timeout=-5"])
+
+
 def test_tp_must_divide_heads():
     with pytest.raises(ConfigError, match=r"parallel\.tp=3: expected a divisor of model\.heads=4"):
         load_config(None, ["parallel.tp=3"], world_size=3)
