@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# A requeued job started again within the second of its requeue is killed ("Killing non-startable
+# batch job: Job credential revoked": slurmd revokes the old launch credential with 1 s resolution).
+REQUEUE_SETTLE_S = 2
 
 
 class LocalSlurm:
@@ -57,12 +60,14 @@ class LocalSlurm:
         """Until the job ends. ``release``: a requeued job that Slurm holds again (its BeginTime, or a held
         requeue after a failed launch) is let go at once, as its user would."""
         deadline = time.monotonic() + timeout
+        pending_since = None
         while time.monotonic() < deadline:
             fields = self.job(job)
             state = fields.get("JobState", "UNKNOWN")
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 return state
-            if release and state == "PENDING":
+            pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
+            if release and state == "PENDING" and time.monotonic() - pending_since >= REQUEUE_SETTLE_S:
                 reason = fields.get("Reason", "")
                 if reason == "BeginTime":
                     self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
@@ -83,6 +88,7 @@ class LocalSlurm:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job} was not requeued: {self.job_state(job)}")
             time.sleep(0.2)
+        time.sleep(REQUEUE_SETTLE_S)
         self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     def stop(self) -> None:
