@@ -112,7 +112,7 @@ class ClusterConfig:
     ckpt_write_gbs: float = 1.0  # write bandwidth per node, GB/s: sizes signal_seconds to the checkpoint
     extra_sbatch: list = field(default_factory=list)  # more #SBATCH options, e.g. ["--qos=high"]
     tp_across_nodes: bool = False  # allow a tensor-parallel group to span nodes (every layer's all-reduce crosses the network)
-    step_start_timeout: int = 600  # s for train.sbatch's first step to start, else it requeues the job (0: no limit)
+    step_start_timeout: int = 600  # s for train.sbatch's training step to start, else it requeues the job (0: no limit)
 
     def ranks_per_node(self) -> int:
         return self.tasks_per_node or self.gpus_per_node

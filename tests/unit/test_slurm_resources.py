@@ -67,9 +67,9 @@ def test_rendered_script_binds_cpus_memory_and_requeues_from_the_batch_shell():
     assert "star-scale submit: cluster.signal_seconds raised from 300" in out.stderr
     assert f"#SBATCH --signal=B:USR1@{window.signal_seconds}\n" in script
     assert "#SBATCH --mem=" in script and "export SRUN_CPUS_PER_TASK=8\n" in script
-    assert "srun --kill-on-bad-exit=1 --cpus-per-task=8 " in script
+    assert "srun --job-name=star-scale-train --kill-on-bad-exit=1 --cpus-per-task=8 " in script
     assert f"for _ in $(seq {window.save_wait})" in script and "trap on_usr1 USR1" in script
-    assert "if [ 600 -gt 0 ] && ! srun --immediate=600 " in script  # a first step that cannot start: requeue
+    assert "if [ 600 -gt 0 ]; then" in script and "-ge 600 ]" in script  # a step that cannot start: requeue
     assert "@" not in script.replace("USR1@", "")  # every placeholder filled
 
 
