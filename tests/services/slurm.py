@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# A requeued job started again within the second of its requeue is killed ("Killing non-startable
-# batch job: Job credential revoked": slurmd revokes the old launch credential with 1 s resolution).
+# A requeued job started again within the second of its requeue was killed ("Killing non-startable
+# batch job: Job credential revoked"): release it only after this long.
 REQUEUE_SETTLE_S = 2
 
 
@@ -58,7 +58,7 @@ class LocalSlurm:
 
     def wait(self, job: str, timeout: float = 600, release: bool = False) -> str:
         """Until the job ends. ``release``: a requeued job that Slurm holds again (its BeginTime, or a held
-        requeue after a failed launch) is let go at once, as its user would."""
+        requeue after a failed launch) is let go, as its user would, once it has been pending 2 s."""
         deadline = time.monotonic() + timeout
         pending_since = None
         while time.monotonic() < deadline:
@@ -94,6 +94,15 @@ class LocalSlurm:
     def stop(self) -> None:
         subprocess.run([str(ROOT / "cluster/local/stop.sh"), self.dir], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def why_not_netns() -> str:
+    """Why a multi-node local cluster cannot start here ('' when it can)."""
+    if os.geteuid() != 0:
+        return "network namespaces for the 2-node cluster need root"
+    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode:
+        return "no `ip netns` (iproute2) on this machine"
+    return ""
 
 
 def have_slurm() -> bool:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services.slurm import ROOT, have_slurm
-from tests.services.test_multinode import why_not_netns
+from tests.services.slurm import ROOT, have_slurm, why_not_netns
 
 # A test run of its own, holding a 2-node cluster: it writes the cluster's folder, waits until the
 # caller has seen what the cluster made, then fails or sleeps.

@@ -2,9 +2,7 @@
 with its own hostname and address. Training across them equals one process; requeue and node
 loss resume bit for bit; arrays spread over both nodes."""
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from star_scale.config import load_config
 from star_scale.data.loader import TokenLoader
 from star_scale.data.store import save_npz_store
 from tests.conftest import TINY
-from tests.services.slurm import ROOT, LocalSlurm, have_slurm
+from tests.services.slurm import ROOT, LocalSlurm, have_slurm, why_not_netns
 
 RECIPE = "recipes/tiny-star.yaml"
 # Dropout off: its draws follow each rank's RNG, so 2 ranks and 1 process would differ by construction.
@@ -27,14 +25,6 @@ STEPS = 20
 # The 1-process tolerances of tests/dist: ZeRO-3 data parallel (ST-AR), TP (ST-AR, Adam-amplified summation order).
 RTOL_ZERO3, RTOL_TP = 1e-5, 1e-3
 STEP_START_S = 15  # the training step must start within this (cluster.step_start_timeout)
-
-
-def why_not_netns() -> str:
-    if os.geteuid() != 0:
-        return "network namespaces for the 2-node cluster need root"
-    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode:
-        return "no `ip netns` (iproute2) on this machine"
-    return ""
 
 
 @pytest.fixture(scope="module")
